@@ -1,0 +1,52 @@
+"""Two fixes for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1), applied only there.
+
+1. bf16 dot. The interpreter stores bfloat16 tensors as raw uint16 and its `create_dot` hands those
+integers straight to numpy.matmul, so every bf16 `tl.dot` returns garbage (seen here:
+errors of 1e10 on N(0, 1) inputs). On the GPU the same `tl.dot` is an MMA instruction and
+correct. We widen bf16 operands to float32 first, which is exact and what the tensor
+cores do, so CPU tests of bf16 kernels test the kernels rather than this bug.
+
+2. Scalars as loop bounds. The interpreter holds a scalar as a 1-element array and turns
+it into a Python int with int(array), which NumPy 2.4 refuses ("only 0-dimensional arrays
+can be converted to Python scalars"): any `range(lo, hi)` whose bound derives from
+tl.program_id fails. We convert with .item(), which every NumPy accepts.
+"""
+import numpy as np
+
+
+def apply():
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_flashtile_bf16_dot_fixed", False):
+        return
+    original_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            a = _as_float32(a)
+            b = _as_float32(b)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    builder._flashtile_bf16_dot_fixed = True
+
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def _as_float32(handle):
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if handle.dtype.scalar != tl.bfloat16:
+        return handle
+    # bf16 is the top half of a float32: shift the 16 stored bits up.
+    widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
+    return interpreter.TensorHandle(widened, tl.float32)
