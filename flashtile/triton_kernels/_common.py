@@ -39,6 +39,18 @@ def head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def head_dim_args(head_dim: int) -> dict:
+    """Kernel arguments for the head dim: the runtime value, its tile width and whether they
+    agree. Kernels are compiled per tile width, so D = 40 and D = 48 share one binary."""
+    block_d = head_dim_block(head_dim)
+    return dict(head_dim=head_dim, BLOCK_D=block_d, EVEN_D=head_dim == block_d)
+
+
+def autotune_enabled() -> bool:
+    """FLASHTILE_AUTOTUNE=0 launches the first shipped config instead of timing them all."""
+    return os.environ.get("FLASHTILE_AUTOTUNE", "1") != "0"
+
+
 def seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: its power-of-two bucket, so that every new
     length does not retune while 1k and 16k keep configs of their own."""
@@ -126,22 +138,23 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
 
     The candidate list is the union over head-dim buckets; the early prune keeps only the
     configs shipped for the launched bucket, so a first call times at most four configs.
-    Keys: the power-of-two buckets of Nq and Nk, the head dim, causal (and, implicitly in
-    Triton, the tensors' dtypes)."""
+    Keys: the power-of-two buckets of Nq and Nk, the head-dim tile, causal (and, implicitly
+    in Triton, the tensors' dtypes)."""
     capability = device_capability()
     union = []
     for block_d in (16, 32, 64, 128, 256):
         union += [t for t in config_tuples(kind, capability, block_d) if t not in union]
 
     def prune(configs, named_args, **kwargs):
-        wanted = set(config_tuples(kind, capability, kwargs["BLOCK_D"]))
+        shipped = config_tuples(kind, capability, kwargs["BLOCK_D"])
+        wanted = set(shipped if autotune_enabled() else shipped[:1])
         kept = [c for c in configs
                 if (c.kwargs[owned], c.kwargs[looped], c.num_warps, c.num_stages) in wanted]
         return kept or configs[:1]
 
     return triton.autotune(
         configs=as_triton_configs(union, owned, looped),
-        key=["q_bucket", "k_bucket", "HEAD_DIM", "IS_CAUSAL"],
+        key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "IS_CAUSAL"],
         prune_configs_by={"early_config_prune": prune},
         **autotune_kwargs,
     )
@@ -226,30 +239,30 @@ def is_visible(query, key, n_q, n_k, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptrs, rows, n_rows, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CHECK_ROWS: tl.constexpr):
-    """Load a (rows x BLOCK_D) tile; zeros past the sequence end and past HEAD_DIM.
+def load_tile(ptrs, rows, n_rows, cols, head_dim, EVEN_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows x BLOCK_D) tile; zeros past the sequence end and past head_dim.
 
     Zero padding is what makes the masks elsewhere simple: a zero column of Q and K adds
     nothing to Q K^T, and a zero row of V or dO adds nothing to any product. The masks
-    that are known true at compile time are left out so the loads stay vectorised."""
-    if HEAD_DIM == BLOCK_D:
+    that are known true at compile time (EVEN_D: head_dim == BLOCK_D) are left out so the
+    loads stay vectorised."""
+    if EVEN_D:
         if CHECK_ROWS:
             tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
         else:
             tile = tl.load(ptrs)
     else:
         if CHECK_ROWS:
-            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < head_dim), other=0.0)
         else:
-            tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+            tile = tl.load(ptrs, mask=cols[None, :] < head_dim, other=0.0)
     return tile
 
 
 @triton.jit
-def store_tile(ptrs, tile, rows, n_rows, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store the rows that exist and the HEAD_DIM columns that exist."""
-    if HEAD_DIM == BLOCK_D:
+def store_tile(ptrs, tile, rows, n_rows, cols, head_dim, EVEN_D: tl.constexpr):
+    """Store the rows that exist and the head_dim columns that exist."""
+    if EVEN_D:
         tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
     else:
-        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < head_dim))

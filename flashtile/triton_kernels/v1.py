@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotuned, head_dim_block, head_offset, is_visible, key_range_for_query_block,
+from ._common import (autotuned, head_dim_args, head_offset, is_visible, key_range_for_query_block,
                       load_tile, query_range_for_key_block, seq_bucket, store_tile, tile_pointers)
 
 
@@ -39,7 +39,7 @@ from ._common import (autotuned, head_dim_block, head_offset, is_visible, key_ra
 def _forward_key_loop(out, row_max, row_sum, q, K, V, k_head, v_head, queries,
                       kv_lo, kv_hi, n_q, n_k, scale,
                       stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """Algorithm 1, lines 8-13, for keys [kv_lo, kv_hi): out stays normalised throughout."""
     local_keys = tl.arange(0, BLOCK_N)
@@ -48,7 +48,7 @@ def _forward_key_loop(out, row_max, row_sum, q, K, V, k_head, v_head, queries,
     v_ptrs = tile_pointers(V, v_head, kv_lo, local_keys, dims, stride_vn, stride_vd)
     for kv_start in range(kv_lo, kv_hi, BLOCK_N):
         keys = kv_start + local_keys
-        k = load_tile(k_ptrs, keys, n_k, dims, HEAD_DIM, BLOCK_D, MASKED)
+        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         scores = tl.dot(q, tl.trans(k)) * scale  # S_ij = tau Q_i K_j^T (line 9)
         if MASKED:
             scores = tl.where(is_visible(queries[:, None], keys[None, :], n_q, n_k, IS_CAUSAL),
@@ -66,7 +66,7 @@ def _forward_key_loop(out, row_max, row_sum, q, K, V, k_head, v_head, queries,
         block_weight = tl.exp(block_max - new_max)
         new_sum = old_weight + block_weight * block_sum
         # Line 12: O = diag(l_new)^-1 (diag(l) e^{m - m_new} O + e^{m~ - m_new} P~ V).
-        v = load_tile(v_ptrs, keys, n_k, dims, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         pv = tl.dot(p.to(v.dtype), v)
         inv_new_sum = 1.0 / tl.where(new_sum > 0, new_sum, 1.0)  # l_new = 0: no key seen yet
         out = out * (old_weight * inv_new_sum)[:, None] + pv * (block_weight * inv_new_sum)[:, None]
@@ -86,7 +86,7 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_ob, stride_oh, stride_on, stride_od,
                        n_heads, n_q, n_k, scale, q_bucket, k_bucket,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     num_q_blocks = tl.cdiv(n_q, BLOCK_M)
     bh = tl.program_id(0) // num_q_blocks
@@ -99,7 +99,7 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
     dims = tl.arange(0, BLOCK_D)
     q = load_tile(tile_pointers(Q, head_offset(bh, n_heads, stride_qb, stride_qh), q_start,
                                 local_queries, dims, stride_qn, stride_qd),
-                  queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+                  queries, n_q, dims, head_dim, EVEN_D, True)
 
     # Line 2: O = 0, l = 0, m = -inf.
     out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -110,14 +110,14 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
     unmasked_end, kv_end = key_range_for_query_block(q_start, n_q, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
     out, row_max, row_sum = _forward_key_loop(
         out, row_max, row_sum, q, K, V, k_head, v_head, queries, 0, unmasked_end, n_q, n_k, scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False)
+        stride_kn, stride_kd, stride_vn, stride_vd, head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, False)
     out, row_max, row_sum = _forward_key_loop(
         out, row_max, row_sum, q, K, V, k_head, v_head, queries, unmasked_end, kv_end, n_q, n_k, scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True)
+        stride_kn, stride_kd, stride_vn, stride_vd, head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, True)
 
     store_tile(tile_pointers(O, head_offset(bh, n_heads, stride_ob, stride_oh), q_start,
                              local_queries, dims, stride_on, stride_od),
-               out.to(O.dtype.element_ty), queries, n_q, dims, HEAD_DIM, BLOCK_D)
+               out.to(O.dtype.element_ty), queries, n_q, dims, head_dim, EVEN_D)
     # A row that saw no key keeps m = -inf and l = 0 (and O = 0).
     stats = bh.to(tl.int64) * n_q + queries
     tl.store(ROW_MAX + stats, row_max, mask=queries < n_q)
@@ -132,7 +132,7 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
 def _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCUM,
                          bh, q_head, o_head, do_head, q_lo, q_hi, n_q, n_k, scale,
                          stride_qn, stride_qd, stride_on, stride_od, stride_don, stride_dod,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """Algorithm 4, lines 8-24, for one key block over queries [q_lo, q_hi), key-major."""
     local_queries = tl.arange(0, BLOCK_M)
@@ -140,14 +140,14 @@ def _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCU
     q_ptrs = tile_pointers(Q, q_head, q_lo, local_queries, dims, stride_qn, stride_qd)
     o_ptrs = tile_pointers(O, o_head, q_lo, local_queries, dims, stride_on, stride_od)
     do_ptrs = tile_pointers(DO, do_head, q_lo, local_queries, dims, stride_don, stride_dod)
-    dq_ptrs = tile_pointers(DQ_ACCUM, bh.to(tl.int64) * n_q * HEAD_DIM, q_lo, local_queries, dims,
-                            HEAD_DIM, 1)
+    dq_ptrs = tile_pointers(DQ_ACCUM, bh.to(tl.int64) * n_q * head_dim, q_lo, local_queries, dims,
+                            head_dim, 1)
     for q_start in range(q_lo, q_hi, BLOCK_M):
         queries = q_start + local_queries
         in_sequence = queries < n_q
-        q = load_tile(q_ptrs, queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
-        o = load_tile(o_ptrs, queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
-        do = load_tile(do_ptrs, queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+        q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
+        o = load_tile(o_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
+        do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
         row_max = tl.load(ROW_MAX + bh.to(tl.int64) * n_q + queries, mask=in_sequence, other=0.0)
         row_sum = tl.load(ROW_SUM + bh.to(tl.int64) * n_q + queries, mask=in_sequence, other=0.0)
         # Rows past the end and rows that saw no key (l = 0, m = -inf) must get P = 0:
@@ -166,12 +166,12 @@ def _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCU
         ds_t = p_t * (dp_t - d_row[None, :])  # line 20: dS_ij = P_ij * (dP_ij - D_i)
         # Line 21: dQ_i += tau dS_ij K_j; other key blocks add to the same rows, hence atomics.
         dq_share = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-        tl.atomic_add(dq_ptrs, dq_share, mask=in_sequence[:, None] & (dims[None, :] < HEAD_DIM))
+        tl.atomic_add(dq_ptrs, dq_share, mask=in_sequence[:, None] & (dims[None, :] < head_dim))
         dk += tl.dot(ds_t.to(q.dtype), q)  # line 22: dK_j += tau dS_ij^T Q_i (tau at the end)
         q_ptrs += BLOCK_M * stride_qn
         o_ptrs += BLOCK_M * stride_on
         do_ptrs += BLOCK_M * stride_don
-        dq_ptrs += BLOCK_M * HEAD_DIM
+        dq_ptrs += BLOCK_M * head_dim
     return dk, dv
 
 
@@ -186,7 +186,7 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ_ACCUM,
                         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                         n_heads, n_q, n_k, scale, q_bucket, k_bucket,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     num_k_blocks = tl.cdiv(n_k, BLOCK_N)
     bh = tl.program_id(0) // num_k_blocks
@@ -197,10 +197,10 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ_ACCUM,
     # Lines 6-7: load K_j, V_j; dK_j = dV_j = 0.
     k = load_tile(tile_pointers(K, head_offset(bh, n_heads, stride_kb, stride_kh), k_start,
                                 local_keys, dims, stride_kn, stride_kd),
-                  keys, n_k, dims, HEAD_DIM, BLOCK_D, True)
+                  keys, n_k, dims, head_dim, EVEN_D, True)
     v = load_tile(tile_pointers(V, head_offset(bh, n_heads, stride_vb, stride_vh), k_start,
                                 local_keys, dims, stride_vn, stride_vd),
-                  keys, n_k, dims, HEAD_DIM, BLOCK_D, True)
+                  keys, n_k, dims, head_dim, EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_head = head_offset(bh, n_heads, stride_qb, stride_qh)
@@ -210,19 +210,19 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ_ACCUM,
     dk, dv = _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCUM,
                                   bh, q_head, o_head, do_head, q_lo, masked_end, n_q, n_k, scale,
                                   stride_qn, stride_qd, stride_on, stride_od, stride_don, stride_dod,
-                                  HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True)
+                                  head_dim, BLOCK_D, EVEN_D, BLOCK_M, IS_CAUSAL, True)
     dk, dv = _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCUM,
                                   bh, q_head, o_head, do_head, masked_end, n_q, n_q, n_k, scale,
                                   stride_qn, stride_qd, stride_on, stride_od, stride_don, stride_dod,
-                                  HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False)
+                                  head_dim, BLOCK_D, EVEN_D, BLOCK_M, IS_CAUSAL, False)
     dk *= scale
     # Line 24: write dK_j, dV_j.
     store_tile(tile_pointers(DK, head_offset(bh, n_heads, stride_dkb, stride_dkh), k_start,
                              local_keys, dims, stride_dkn, stride_dkd),
-               dk.to(DK.dtype.element_ty), keys, n_k, dims, HEAD_DIM, BLOCK_D)
+               dk.to(DK.dtype.element_ty), keys, n_k, dims, head_dim, EVEN_D)
     store_tile(tile_pointers(DV, head_offset(bh, n_heads, stride_dvb, stride_dvh), k_start,
                              local_keys, dims, stride_dvn, stride_dvd),
-               dv.to(DV.dtype.element_ty), keys, n_k, dims, HEAD_DIM, BLOCK_D)
+               dv.to(DV.dtype.element_ty), keys, n_k, dims, head_dim, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def v1_forward(q, k, v, causal, scale):
     _v1_forward_kernel[grid](q, k, v, out, row_max, row_sum,
                              *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                              H, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-                             HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=causal)
+                             IS_CAUSAL=causal, **head_dim_args(D))
     return out, row_max, row_sum
 
 
@@ -254,7 +254,7 @@ def v1_backward(d_out, q, k, v, out, row_max, row_sum, causal, scale):
         q, k, v, out, d_out, row_max, row_sum, dk, dv, dq_accum,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *d_out.stride(), *dk.stride(), *dv.stride(),
         H, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=causal)
+        IS_CAUSAL=causal, **head_dim_args(D))
     return dq_accum.to(q.dtype), dk, dv
 
 

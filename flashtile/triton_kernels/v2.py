@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, autotuned, head_dim_block,
+from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, autotuned, head_dim_args,
                       head_offset, is_visible, key_range_for_query_block, load_tile,
                       query_range_for_key_block, seq_bucket, store_tile, tile_pointers)
 
@@ -38,7 +38,7 @@ from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, autotuned, hea
 def _forward_key_loop(acc, row_max, row_sum, q, K, V, k_head, v_head, queries,
                       kv_lo, kv_hi, n_q, n_k, qk_scale,
                       stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over keys [kv_lo, kv_hi), BLOCK_N at a time (FA2 Algorithm 1, lines 8-10).
 
@@ -49,7 +49,7 @@ def _forward_key_loop(acc, row_max, row_sum, q, K, V, k_head, v_head, queries,
     v_ptrs = tile_pointers(V, v_head, kv_lo, local_keys, dims, stride_vn, stride_vd)
     for kv_start in range(kv_lo, kv_hi, BLOCK_N):
         keys = kv_start + local_keys
-        k = load_tile(k_ptrs, keys, n_k, dims, HEAD_DIM, BLOCK_D, MASKED)
+        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # S = Q K^T, times scale * log2(e): log2 units from here on.
         scores = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
@@ -64,7 +64,7 @@ def _forward_key_loop(acc, row_max, row_sum, q, K, V, k_head, v_head, queries,
         p = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        v = load_tile(v_ptrs, keys, n_k, dims, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # O~_new = diag(exp2(m_old - m_new)) O~_old + P~ V: no division inside the loop.
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
         row_max = new_max
@@ -81,7 +81,7 @@ def _v2_forward_kernel(Q, K, V, O, LSE,
                        stride_vb, stride_vh, stride_vn, stride_vd,
                        stride_ob, stride_oh, stride_on, stride_od,
                        n_heads, n_q, n_k, qk_scale, q_bucket, k_bucket,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     num_q_blocks = tl.cdiv(n_q, BLOCK_M)
     bh = tl.program_id(0) // num_q_blocks
@@ -96,7 +96,7 @@ def _v2_forward_kernel(Q, K, V, O, LSE,
 
     q_ptrs = tile_pointers(Q, head_offset(bh, n_heads, stride_qb, stride_qh), q_start,
                            local_queries, dims, stride_qn, stride_qd)
-    q = load_tile(q_ptrs, queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+    q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -106,10 +106,10 @@ def _v2_forward_kernel(Q, K, V, O, LSE,
     unmasked_end, kv_end = key_range_for_query_block(q_start, n_q, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, row_max, row_sum = _forward_key_loop(
         acc, row_max, row_sum, q, K, V, k_head, v_head, queries, 0, unmasked_end, n_q, n_k, qk_scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False)
+        stride_kn, stride_kd, stride_vn, stride_vd, head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, False)
     acc, row_max, row_sum = _forward_key_loop(
         acc, row_max, row_sum, q, K, V, k_head, v_head, queries, unmasked_end, kv_end, n_q, n_k, qk_scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True)
+        stride_kn, stride_kd, stride_vn, stride_vd, head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, True)
 
     # O = diag(l)^-1 O~ and L = m + log(l) (Algorithm 1, lines 12-13), back in natural log.
     # A row that saw no key has l = 0: it outputs 0 and L = -inf, never NaN.
@@ -119,7 +119,7 @@ def _v2_forward_kernel(Q, K, V, O, LSE,
 
     o_ptrs = tile_pointers(O, head_offset(bh, n_heads, stride_ob, stride_oh), q_start,
                            local_queries, dims, stride_on, stride_od)
-    store_tile(o_ptrs, out.to(O.dtype.element_ty), queries, n_q, dims, HEAD_DIM, BLOCK_D)
+    store_tile(o_ptrs, out.to(O.dtype.element_ty), queries, n_q, dims, head_dim, EVEN_D)
     tl.store(LSE + bh.to(tl.int64) * n_q + queries, lse, mask=queries < n_q)
 
 
@@ -132,7 +132,7 @@ def _v2_delta_kernel(O, DO, DELTA,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_dob, stride_doh, stride_don, stride_dod,
                      n_heads, n_q,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                     head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = rowsum(dO_i * O_i) (Algorithm 2, line 4): dS = P * (dP - delta)."""
     num_q_blocks = tl.cdiv(n_q, BLOCK_M)
     bh = tl.program_id(0) // num_q_blocks
@@ -142,10 +142,10 @@ def _v2_delta_kernel(O, DO, DELTA,
     dims = tl.arange(0, BLOCK_D)
     o = load_tile(tile_pointers(O, head_offset(bh, n_heads, stride_ob, stride_oh), q_start,
                                 local_queries, dims, stride_on, stride_od),
-                  queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+                  queries, n_q, dims, head_dim, EVEN_D, True)
     do = load_tile(tile_pointers(DO, head_offset(bh, n_heads, stride_dob, stride_doh), q_start,
                                  local_queries, dims, stride_don, stride_dod),
-                   queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+                   queries, n_q, dims, head_dim, EVEN_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * n_q + queries, delta, mask=queries < n_q)
 
@@ -168,26 +168,26 @@ def load_row_stats(LSE, DELTA, bh, queries, n_q):
 def _dkdv_query_loop(dk, dv, k, v, keys, Q, DO, LSE, DELTA, DQ_ACCUM, bh, q_head, do_head,
                      q_lo, q_hi, n_q, n_k, scale, qk_scale,
                      stride_qn, stride_qd, stride_don, stride_dod,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over queries [q_lo, q_hi) (Algorithm 2, lines 8-15).
 
     Everything is computed transposed (key-major: S^T is BLOCK_N x BLOCK_M) so that the
     accumulators dK and dV stay in the program's row order.
     ATOMIC_DQ (v2_atomic only): also add this block's share of dQ, scale * dS K, into the
-    float32 buffer DQ_ACCUM (contiguous (B, H, Nq, HEAD_DIM)) with atomic adds: every key
+    float32 buffer DQ_ACCUM (contiguous (B, H, Nq, head_dim)) with atomic adds: every key
     block's program adds to the same dQ rows, in an order that varies from run to run."""
     local_queries = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q_ptrs = tile_pointers(Q, q_head, q_lo, local_queries, dims, stride_qn, stride_qd)
     do_ptrs = tile_pointers(DO, do_head, q_lo, local_queries, dims, stride_don, stride_dod)
     if ATOMIC_DQ:
-        dq_ptrs = tile_pointers(DQ_ACCUM, bh.to(tl.int64) * n_q * HEAD_DIM, q_lo, local_queries, dims,
-                                HEAD_DIM, 1)
+        dq_ptrs = tile_pointers(DQ_ACCUM, bh.to(tl.int64) * n_q * head_dim, q_lo, local_queries, dims,
+                                head_dim, 1)
     for q_start in range(q_lo, q_hi, BLOCK_M):
         queries = q_start + local_queries
-        q = load_tile(q_ptrs, queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
-        do = load_tile(do_ptrs, queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+        q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
+        do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
         lse, delta = load_row_stats(LSE, DELTA, bh, queries, n_q)
         scores_t = tl.dot(k, tl.trans(q)) * qk_scale  # S^T in log2 units
         if MASKED:
@@ -201,8 +201,8 @@ def _dkdv_query_loop(dk, dv, k, v, keys, Q, DO, LSE, DELTA, DQ_ACCUM, bh, q_head
         dk += tl.dot(ds_t.to(q.dtype), q)  # dK += dS^T Q (times scale, applied once at the end)
         if ATOMIC_DQ:
             dq_share = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale  # scale * dS K
-            tl.atomic_add(dq_ptrs, dq_share, mask=(queries[:, None] < n_q) & (dims[None, :] < HEAD_DIM))
-            dq_ptrs += BLOCK_M * HEAD_DIM
+            tl.atomic_add(dq_ptrs, dq_share, mask=(queries[:, None] < n_q) & (dims[None, :] < head_dim))
+            dq_ptrs += BLOCK_M * head_dim
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
     return dk, dv
@@ -217,7 +217,7 @@ def dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACCUM,
                  stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                  stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                  n_heads, n_q, n_k, scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """One program of the key-major backward: dK and dV of one key block (and, with
     ATOMIC_DQ, its share of dQ). The body of v2's dK/dV kernel and of v2_atomic's kernel."""
@@ -229,10 +229,10 @@ def dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACCUM,
     dims = tl.arange(0, BLOCK_D)
     k = load_tile(tile_pointers(K, head_offset(bh, n_heads, stride_kb, stride_kh), k_start,
                                 local_keys, dims, stride_kn, stride_kd),
-                  keys, n_k, dims, HEAD_DIM, BLOCK_D, True)
+                  keys, n_k, dims, head_dim, EVEN_D, True)
     v = load_tile(tile_pointers(V, head_offset(bh, n_heads, stride_vb, stride_vh), k_start,
                                 local_keys, dims, stride_vn, stride_vd),
-                  keys, n_k, dims, HEAD_DIM, BLOCK_D, True)
+                  keys, n_k, dims, head_dim, EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_head = head_offset(bh, n_heads, stride_qb, stride_qh)
@@ -241,19 +241,19 @@ def dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACCUM,
     # Diagonal blocks first (masked), then every later query block sees all of these keys.
     dk, dv = _dkdv_query_loop(dk, dv, k, v, keys, Q, DO, LSE, DELTA, DQ_ACCUM, bh, q_head, do_head,
                               q_lo, masked_end, n_q, n_k, scale, qk_scale, stride_qn, stride_qd,
-                              stride_don, stride_dod, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True,
+                              stride_don, stride_dod, head_dim, BLOCK_D, EVEN_D, BLOCK_M, IS_CAUSAL, True,
                               ATOMIC_DQ)
     dk, dv = _dkdv_query_loop(dk, dv, k, v, keys, Q, DO, LSE, DELTA, DQ_ACCUM, bh, q_head, do_head,
                               masked_end, n_q, n_q, n_k, scale, qk_scale, stride_qn, stride_qd,
-                              stride_don, stride_dod, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False,
+                              stride_don, stride_dod, head_dim, BLOCK_D, EVEN_D, BLOCK_M, IS_CAUSAL, False,
                               ATOMIC_DQ)
     dk *= scale  # dS was taken w.r.t. the scaled scores: dK = scale * dS^T Q
     store_tile(tile_pointers(DK, head_offset(bh, n_heads, stride_dkb, stride_dkh), k_start,
                              local_keys, dims, stride_dkn, stride_dkd),
-               dk.to(DK.dtype.element_ty), keys, n_k, dims, HEAD_DIM, BLOCK_D)
+               dk.to(DK.dtype.element_ty), keys, n_k, dims, head_dim, EVEN_D)
     store_tile(tile_pointers(DV, head_offset(bh, n_heads, stride_dvb, stride_dvh), k_start,
                              local_keys, dims, stride_dvn, stride_dvd),
-               dv.to(DV.dtype.element_ty), keys, n_k, dims, HEAD_DIM, BLOCK_D)
+               dv.to(DV.dtype.element_ty), keys, n_k, dims, head_dim, EVEN_D)
 
 
 @autotuned("backward", owned="BLOCK_N", looped="BLOCK_M")
@@ -266,21 +266,21 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                     n_heads, n_q, n_k, scale, qk_scale, q_bucket, k_bucket,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV for one key block, looping over query blocks; dQ is left to _v2_dq_kernel."""
     dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DK,  # no dQ buffer: DK stands in, unused
                  stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
                  stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                 n_heads, n_q, n_k, scale, qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, BLOCK_M, BLOCK_N, False)
+                 n_heads, n_q, n_k, scale, qk_scale, head_dim, BLOCK_D, EVEN_D, IS_CAUSAL, BLOCK_M, BLOCK_N, False)
 
 
 @triton.jit
 def _dq_key_loop(dq, q, do, lse, delta, queries, K, V, k_head, v_head,
                  kv_lo, kv_hi, n_q, n_k, qk_scale,
                  stride_kn, stride_kd, stride_vn, stride_vd,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dQ of one query block over keys [kv_lo, kv_hi) (Algorithm 2, lines 11-13)."""
     local_keys = tl.arange(0, BLOCK_N)
@@ -289,8 +289,8 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, K, V, k_head, v_head,
     v_ptrs = tile_pointers(V, v_head, kv_lo, local_keys, dims, stride_vn, stride_vd)
     for kv_start in range(kv_lo, kv_hi, BLOCK_N):
         keys = kv_start + local_keys
-        k = load_tile(k_ptrs, keys, n_k, dims, HEAD_DIM, BLOCK_D, MASKED)
-        v = load_tile(v_ptrs, keys, n_k, dims, HEAD_DIM, BLOCK_D, MASKED)
+        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         scores = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             scores = tl.where(is_visible(queries[:, None], keys[None, :], n_q, n_k, IS_CAUSAL),
@@ -313,7 +313,7 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                   stride_dob, stride_doh, stride_don, stride_dod,
                   stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                   n_heads, n_q, n_k, scale, qk_scale, q_bucket, k_bucket,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     num_q_blocks = tl.cdiv(n_q, BLOCK_M)
     bh = tl.program_id(0) // num_q_blocks
@@ -326,10 +326,10 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     dims = tl.arange(0, BLOCK_D)
     q = load_tile(tile_pointers(Q, head_offset(bh, n_heads, stride_qb, stride_qh), q_start,
                                 local_queries, dims, stride_qn, stride_qd),
-                  queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+                  queries, n_q, dims, head_dim, EVEN_D, True)
     do = load_tile(tile_pointers(DO, head_offset(bh, n_heads, stride_dob, stride_doh), q_start,
                                  local_queries, dims, stride_don, stride_dod),
-                   queries, n_q, dims, HEAD_DIM, BLOCK_D, True)
+                   queries, n_q, dims, head_dim, EVEN_D, True)
     lse, delta = load_row_stats(LSE, DELTA, bh, queries, n_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = head_offset(bh, n_heads, stride_kb, stride_kh)
@@ -337,14 +337,14 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     unmasked_end, kv_end = key_range_for_query_block(q_start, n_q, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _dq_key_loop(dq, q, do, lse, delta, queries, K, V, k_head, v_head, 0, unmasked_end,
                       n_q, n_k, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False)
+                      head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, False)
     dq = _dq_key_loop(dq, q, do, lse, delta, queries, K, V, k_head, v_head, unmasked_end, kv_end,
                       n_q, n_k, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True)
+                      head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, True)
     dq *= scale
     store_tile(tile_pointers(DQ, head_offset(bh, n_heads, stride_dqb, stride_dqh), q_start,
                              local_queries, dims, stride_dqn, stride_dqd),
-               dq.to(DQ.dtype.element_ty), queries, n_q, dims, HEAD_DIM, BLOCK_D)
+               dq.to(DQ.dtype.element_ty), queries, n_q, dims, head_dim, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def shape_args(q, k):
     """The launch arguments every kernel takes after its strides, and its constexprs."""
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
-    return (B, H, n_q, n_k, D), dict(HEAD_DIM=D, BLOCK_D=head_dim_block(D))
+    return (B, H, n_q, n_k, D), head_dim_args(D)
 
 
 def v2_forward(q, k, v, causal, scale):

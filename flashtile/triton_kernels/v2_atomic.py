@@ -31,13 +31,13 @@ def _v2_atomic_backward_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACCUM,
                                stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                                stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                                n_heads, n_q, n_k, scale, qk_scale, q_bucket, k_bucket,
-                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                               head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACCUM,
                  stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_don, stride_dod,
                  stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                 n_heads, n_q, n_k, scale, qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, BLOCK_M, BLOCK_N, True)
+                 n_heads, n_q, n_k, scale, qk_scale, head_dim, BLOCK_D, EVEN_D, IS_CAUSAL, BLOCK_M, BLOCK_N, True)
 
 
 def v2_atomic_backward(d_out, q, k, v, out, lse, causal, scale):
