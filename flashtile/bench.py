@@ -83,15 +83,17 @@ def measure(name, batch, heads, n, head_dim, causal, dtype, device="cuda"):
 def environment():
     import triton
 
-    commit = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or commit
-    except OSError:
-        pass
+    # FLASHTILE_COMMIT names the commit where the tree was copied without .git (the device tool).
+    commit = os.environ.get("FLASHTILE_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(__file__)).stdout.strip()
+        except OSError:
+            pass
     return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), commit=commit,
+                python=platform.python_version(), commit=commit or "unknown",
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 portable=os.environ.get("FLASHTILE_PORTABLE", "0") == "1")
 
