@@ -10,5 +10,7 @@ setup(
     # torch is not pinned: the GPU machine brings its own CUDA build (2.11) and the CPU
     # machine installs the 2.13 CPU wheel. Triton is pinned so CI and the GPU compile alike.
     install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist"]},
+    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "matplotlib", "tqdm"],
+                    "bench": ["matplotlib", "tqdm"]},
+    entry_points={"console_scripts": ["flashtile-bench = flashtile.bench:main"]},
 )
