@@ -1,5 +1,64 @@
 """flashtile: FlashAttention v1, v2 and v2_atomic in Triton, forward and backward."""
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+
+def reference_extension():
+    """(ext_modules, cmdclass) for flashtile._cuda_reference, the CUDA reference.
+
+    With nvcc and a CUDA build of torch: a CUDAExtension (the kernels of cuda_reference/
+    for TORCH_CUDA_ARCH_LIST, default "7.5;8.0;9.0", plus the host build). Otherwise a
+    CppExtension of the host build alone (the same algorithm on the CPU). Without torch at
+    build time, or if compiling fails, flashtile installs without it (impl="cuda" then says
+    so) unless FLASHTILE_BUILD_EXTENSION=1, which makes a failed build an error;
+    FLASHTILE_BUILD_EXTENSION=0 skips it.
+    """
+    mode = os.environ.get("FLASHTILE_BUILD_EXTENSION", "auto")
+    if mode == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        if mode == "1":
+            raise
+        print("flashtile: torch is not importable at build time; not building the CUDA reference", file=sys.stderr)
+        return [], {}
+    sources = ["bindings/attention_bindings.cpp", "cuda_reference/attention_host.cpp"]
+    cxx = ["-O2"]  # torch picks the C++ standard its headers need
+    link = []
+    if sys.platform.startswith("linux"):  # OpenMP over (batch, head) in the host build
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0")
+        extension = cpp_extension.CUDAExtension(
+            "flashtile._cuda_reference",
+            sources + ["cuda_reference/attention_forward.cu", "cuda_reference/attention_backward.cu"],
+            define_macros=[("FLASHTILE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O2", "-lineinfo"]},
+            extra_link_args=link)
+    else:
+        extension = cpp_extension.CppExtension("flashtile._cuda_reference", sources,
+                                               extra_compile_args=cxx, extra_link_args=link)
+
+    class BuildReference(cpp_extension.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # a compiler error: install flashtile without it
+                if mode == "1":
+                    raise
+                print(f"flashtile: WARNING: building {ext.name} failed ({error}); flashtile installs "
+                      "without the CUDA reference (impl='cuda' raises). FLASHTILE_BUILD_EXTENSION=1 makes "
+                      "this an error.", file=sys.stderr)
+
+    return [extension], {"build_ext": BuildReference}
+
+
+ext_modules, cmdclass = reference_extension()
 
 setup(
     name="flashtile",
@@ -13,4 +72,6 @@ setup(
     extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "matplotlib", "tqdm"],
                     "bench": ["matplotlib", "tqdm"]},
     entry_points={"console_scripts": ["flashtile-bench = flashtile.bench:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

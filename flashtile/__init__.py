@@ -23,8 +23,13 @@ def __getattr__(name):
 
         module = importlib.import_module(f".triton_kernels.{classes[name]}", __name__)
         return getattr(module, name)
+    if name == "CudaReferenceAttentionFunction":  # impl="cuda" (flashtile/cuda_reference.py)
+        from .cuda_reference import CudaReferenceAttentionFunction
+
+        return CudaReferenceAttentionFunction
     raise AttributeError(f"module 'flashtile' has no attribute {name!r}")
 
 
 __all__ = ["attention", "attention_reference", "attention_flops", "IMPLEMENTATIONS",
-           "FlashAttentionV1Function", "FlashAttentionV2Function", "FlashAttentionV2AtomicFunction"]
+           "FlashAttentionV1Function", "FlashAttentionV2Function", "FlashAttentionV2AtomicFunction",
+           "CudaReferenceAttentionFunction"]

@@ -9,6 +9,8 @@ import os
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# The CUDA reference (impl="cuda") computes in float32 and takes float32 inputs too.
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float32,)
 MAX_HEAD_DIM = 256
 
 
@@ -21,15 +23,17 @@ def _implementations():
     from .triton_kernels.v1 import FlashAttentionV1Function
     from .triton_kernels.v2 import FlashAttentionV2Function
     from .triton_kernels.v2_atomic import FlashAttentionV2AtomicFunction
+    from .cuda_reference import CudaReferenceAttentionFunction
 
     return {
         "v1": FlashAttentionV1Function,
         "v2": FlashAttentionV2Function,
         "v2_atomic": FlashAttentionV2AtomicFunction,
+        "cuda": CudaReferenceAttentionFunction,
     }
 
 
-IMPLEMENTATIONS = ("v1", "v2", "v2_atomic")
+IMPLEMENTATIONS = ("v1", "v2", "v2_atomic", "cuda")
 
 
 def check_inputs(q, k, v, causal, scale, impl, return_lse):
@@ -40,14 +44,21 @@ def check_inputs(q, k, v, causal, scale, impl, return_lse):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    reference = isinstance(impl, str) and impl == "cuda"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; flashtile supports torch.float16 and torch.bfloat16")
+        if t.dtype not in (REFERENCE_DTYPES if reference else SUPPORTED_DTYPES):
+            raise TypeError(f"{name} has dtype {t.dtype}; flashtile supports torch.float16 and torch.bfloat16 "
+                            "(and torch.float32 with impl='cuda')")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreting():
+    if reference:
+        # The CUDA reference runs CUDA tensors, and CPU tensors in its host build (the
+        # extension checks which build is installed).
+        if q.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"q, k, v are on {q.device}; impl='cuda' needs CUDA (or CPU) tensors")
+    elif q.device.type != "cuda" and not _interpreting():
         raise ValueError(
             f"q, k, v are on {q.device}; flashtile's kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 to run them on the CPU interpreter)"
@@ -85,11 +96,13 @@ def attention(q, k, v, *, causal=False, scale=None, impl="v2", return_lse=False)
     """Scaled dot-product attention, softmax(scale * q k^T) v, differentiable in q, k, v.
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D), the layout of
-    torch.nn.functional.scaled_dot_product_attention; any strides. fp16 or bf16, D <= 256.
+    torch.nn.functional.scaled_dot_product_attention; any strides. fp16 or bf16 (fp32 too
+    with impl="cuda"), D <= 256.
     causal: query i sees key j iff j <= i + Nk - Nq (bottom-right, as FlashAttention-2).
     A row that sees no key outputs 0, has lse = -inf and zero gradients.
     scale: defaults to 1/sqrt(D).
-    impl: "v1", "v2" (default) or "v2_atomic".
+    impl: "v1", "v2" (default) or "v2_atomic" (Triton), or "cuda" (the float32 CUDA
+    reference, which also takes float32 inputs and, in its host build, CPU tensors).
     return_lse: also return the float32 natural-log log-sum-exp, shape (B, H, Nq).
     """
     scale = check_inputs(q, k, v, causal, scale, impl, return_lse)

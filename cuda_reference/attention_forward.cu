@@ -1,0 +1,131 @@
+// The CUDA reference forward: FlashAttention-2, Algorithm 1 (Dao 2023), written for
+// clarity, not speed. The per-row arithmetic is in attention_reference.cuh, shared with
+// the host build (attention_host.cpp).
+//
+// Work split: one block per (batch, head, tile of kRows = 8 queries); warp w of the block
+// owns query row i = q0 + w. The block walks over the keys kTile = 32 at a time; in each
+// step lane j of a warp handles key k0 + j for the score and the softmax, and column
+// d = lane + 32 c of the output accumulator.
+//
+// Shared memory (float32, inputs converted when loaded):
+//   q_rows  kRows x D            this block's queries (Alg. 1 line 4: load Q_i)
+//   kv_tile kTile x pitch(D)     a K tile (line 6), then the V tile of the same keys
+// K and V share one buffer, loaded one after the other, so that D = 256 fits in 41 KB.
+#include "attention_cuda.h"
+
+namespace flashtile_ref {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = kTile / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kTile / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) {
+  extern __shared__ float smem[];
+  const Problem& p = a.p;
+  const int D = p.head_dim;
+  const int pitch = tile_pitch(D);
+  float* q_rows = smem;
+  float* kv_tile = smem + kRows * D;
+
+  // Which (batch, head) and which queries: blocks are numbered along one axis (grid.x),
+  // so any B * H fits.
+  const int64_t query_tiles = ceil_div(p.n_q, kRows);
+  const int64_t bh = blockIdx.x / query_tiles;
+  const int64_t q0 = (blockIdx.x % query_tiles) * kRows;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int warp = threadIdx.x / kTile, lane = threadIdx.x % kTile;
+  const int64_t i = q0 + warp;  // this warp's query row
+  const bool row_in_range = i < p.n_q;
+
+  load_tile<T>(q_rows, D, a.q, a.q_st, b, h, q0, kRows, p.n_q, D, threadIdx.x, blockDim.x);
+  const float* q_row = q_rows + warp * D;
+
+  // Alg. 1 line 5: O~ = 0, l = 0, m = -inf. Every lane holds the same m and l (they are
+  // computed from warp-wide reductions) and its own columns of O~.
+  float m = -INFINITY, l = 0.0f;
+  float acc[kColsPerLane];
+  for (int c = 0; c < kColsPerLane; ++c) acc[c] = 0.0f;
+
+  // Keys past `end` are masked for every query of the block (causal); the bound is the
+  // same for all threads, so the __syncthreads() below are reached by all.
+  const int64_t last_query = (q0 + kRows < p.n_q ? q0 + kRows : p.n_q) - 1;
+  const int64_t end = key_end(last_query, p);
+  for (int64_t k0 = 0; k0 < end; k0 += kTile) {  // Alg. 1 line 6: for j = 1..T_c
+    __syncthreads();  // every warp is done with the previous V tile (and q_rows is written)
+    load_tile<T>(kv_tile, pitch, a.k, a.k_st, b, h, k0, kTile, p.n_k, D, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    // Line 8: S_ij for this lane's key j.
+    const int64_t j = k0 + lane;
+    const float s = score(q_row, kv_tile + lane * pitch, D, row_in_range && visible(i, j, p), p.scale);
+    // Lines 9-10: new running max, P~_ij, and l rescaled to the new max plus this tile's sum.
+    const float m_new = softmax_new_max(m, warp_max(s));
+    const float weight = softmax_weight(s, m_new);
+    const float rescale = softmax_rescale(m, m_new);
+    l = softmax_sum(l, rescale, warp_sum(weight));
+    m = m_new;
+
+    __syncthreads();  // every warp is done with the K tile
+    load_tile<T>(kv_tile, pitch, a.v, a.v_st, b, h, k0, kTile, p.n_k, D, threadIdx.x, blockDim.x);
+    __syncthreads();
+
+    // Line 10: O~_i = diag(exp(m_old - m_new)) O~_i + P~_i V_j. Lane jj's weight is
+    // broadcast to the warp; each lane updates its own columns.
+    for (int c = 0; c < kColsPerLane; ++c) acc[c] *= rescale;
+    for (int jj = 0; jj < kTile; ++jj) {
+      const float w = __shfl_sync(kFullMask, weight, jj);
+      for (int c = 0; c < kColsPerLane; ++c) {
+        const int d = lane + c * kTile;
+        if (d < D) acc[c] += w * kv_tile[jj * pitch + d];
+      }
+    }
+  }
+  if (!row_in_range) return;  // past the last query: nothing to write (no barrier follows)
+
+  // Lines 12-13: O_i = diag(l)^-1 O~_i and L_i = m + log(l), written as float32.
+  const float factor = output_factor(l);
+  float* out_row = a.out + offset(contiguous_strides(p, p.n_q), b, h, i, 0);
+  for (int c = 0; c < kColsPerLane; ++c) {
+    const int d = lane + c * kTile;
+    if (d < D) out_row[d] = acc[c] * factor;
+  }
+  if (lane == 0) a.lse[bh * p.n_q + i] = log_sum_exp(m, l);
+}
+
+template <typename T>
+cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
+  const Problem& p = a.p;
+  const int64_t blocks = p.batch * p.heads * ceil_div(p.n_q, kRows);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const size_t smem = sizeof(float) * (size_t(kRows) * p.head_dim + size_t(kTile) * tile_pitch(p.head_dim));
+  // Above 48 KB a kernel must opt in to more dynamic shared memory (41 KB at D = 256).
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  forward_kernel<T><<<unsigned(blocks), kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t forward_cuda(const ForwardArgs& args, cudaStream_t stream) {
+  if (check_problem(args.p) != nullptr) return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat32: return launch_forward<float>(args, stream);
+    case DType::kFloat16: return launch_forward<Half>(args, stream);
+    case DType::kBFloat16: return launch_forward<BFloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace flashtile_ref
