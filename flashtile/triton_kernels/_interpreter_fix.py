@@ -1,4 +1,4 @@
-"""Two fixes for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1), applied only there.
+"""Three fixes for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1), applied only there.
 
 1. bf16 dot. The interpreter stores bfloat16 tensors as raw uint16 and its `create_dot` hands those
 integers straight to numpy.matmul, so every bf16 `tl.dot` returns garbage (seen here:
@@ -10,6 +10,11 @@ cores do, so CPU tests of bf16 kernels test the kernels rather than this bug.
 it into a Python int with int(array), which NumPy 2.4 refuses ("only 0-dimensional arrays
 can be converted to Python scalars"): any `range(lo, hi)` whose bound derives from
 tl.program_id fails. We convert with .item(), which every NumPy accepts.
+
+3. float32 -> bf16 casts. The interpreter truncates the low 16 bits (round toward zero); the
+GPU's cvt.rn.bf16.f32 rounds to nearest, ties to even. Truncation doubles the rounding error
+of every bf16 output and gradient the kernels store, so CPU tests of bf16 would judge
+a worse kernel than the one that runs. We round to nearest even, as the hardware does.
 """
 import numpy as np
 
@@ -32,6 +37,16 @@ def apply():
     builder.create_dot = create_dot
     builder._flashtile_bf16_dot_fixed = True
 
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_float32_to_bf16_bits(src.data), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    # create_fp_trunc and friends are lambdas that look cast_impl up on the instance.
+    builder.cast_impl = cast_impl
+
     original_patch_tensor = interpreter._patch_lang_tensor
 
     def patch_lang_tensor(tensor, scope):
@@ -50,3 +65,16 @@ def _as_float32(handle):
     # bf16 is the top half of a float32: shift the 16 stored bits up.
     widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
     return interpreter.TensorHandle(widened, tl.float32)
+
+
+def _float32_to_bf16_bits(values):
+    """bf16 bit patterns (uint16) of float32 `values`, rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    # Add just under half of the dropped range, plus 1 when the kept part is odd (ties to even),
+    # then drop the low 16 bits. uint64 so that the carry out of 0xFFFF.... cannot wrap.
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    result = rounded.astype(np.uint16)
+    nan = np.isnan(values)
+    if np.any(nan):  # rounding could carry a NaN's payload into infinity: keep it a quiet NaN
+        result[nan] = 0x7FC0
+    return result

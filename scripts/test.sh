@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# flashtile's test command, set-up included. From a clone, on any Linux machine:
+#
+#     bash scripts/test.sh [extra pytest arguments for every pass]
+#
+# Set-up: where python3 already imports torch (the GPU machine's CUDA build), flashtile is
+# installed into that Python, offline (`pip install --no-build-isolation --no-deps -e .`,
+# test tools only if missing). Otherwise a virtual environment .venv is made in the clone with
+# PyTorch 2.13.0's CPU wheel and flashtile[test] (triton 3.6.x, pytest, hypothesis, xdist).
+#
+# Then up to three pytest passes, because a Triton process either interprets or compiles:
+#   1. TRITON_INTERPRET=1: every kernel on the CPU interpreter at small odd shapes against
+#      float64, the interface's errors, the tolerance rule, the property test.
+#   2. TRITON_INTERPRET=0: every shipped kernel variant compiled ahead of time for sm_75,
+#      sm_80 and sm_90 (no GPU needed), on every core with pytest-xdist.
+#   3. Only where CUDA is available: the GPU tests (pytest -m gpu) at real shapes.
+# Tests that cannot run in a pass are skipped there with their reason, never counted as passed.
+# Exits non-zero if any pass fails or a pass runs no test.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+start=$SECONDS
+
+if python3 -c "import torch" 2>/dev/null && [[ ! -x .venv/bin/python ]]; then
+  python=python3
+  echo "== using $(python3 -c 'import sys, torch; print(sys.executable, "torch", torch.__version__)')"
+  $python -c "import pytest, hypothesis" 2>/dev/null || $python -m pip install -q pytest hypothesis
+  $python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+else
+  if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv || exit 1
+  fi
+  python=.venv/bin/python
+  echo "== installing into .venv (PyTorch 2.13.0 CPU wheel, then flashtile[test])"
+  $python -m pip install -q --upgrade "setuptools>=64" wheel || exit 1
+  # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+  $python -m pip install -q "torch==2.13.0" || exit 1
+  $python -m pip install -q --no-build-isolation -e ".[test]" || exit 1
+fi
+$python -c "import torch, triton, flashtile; print('torch', torch.__version__, '| triton', triton.__version__, '| flashtile', flashtile.__version__, '| cuda', torch.cuda.is_available())" || exit 1
+echo "== set-up took $((SECONDS - start)) s"
+
+failed=()
+run_pass() {  # run_pass NAME ENV-ASSIGNMENT PYTEST-ARGS...
+  local name=$1 env=$2; shift 2
+  local pass_start=$SECONDS
+  echo
+  echo "== pass $name: $env python -m pytest $*"
+  env "$env" "$python" -m pytest "$@"
+  local status=$?
+  echo "== pass $name: exit $status in $((SECONDS - pass_start)) s"
+  # 5 is pytest's "no tests ran": a pass that runs nothing is a failure, not a success.
+  [[ $status -eq 0 ]] || failed+=("$name (exit $status)")
+}
+
+run_pass interpreter TRITON_INTERPRET=1 -q -ra tests "$@"
+workers=$(nproc)
+run_pass aot-compile TRITON_INTERPRET=0 -q -ra -n "$workers" tests/test_aot_compile.py "$@"
+if $python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  run_pass gpu TRITON_INTERPRET=0 -q -ra -m gpu tests "$@"
+else
+  echo
+  echo "== pass gpu: not run, no CUDA device (the GPU tests were reported as skipped above)"
+fi
+
+echo
+echo "== total $((SECONDS - start)) s"
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all passes succeeded"
