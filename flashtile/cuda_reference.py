@@ -12,6 +12,7 @@ like the Triton implementations: out in the inputs' dtype (the float32 result ro
 lse float32. `forward_float32` / `backward_float32` give the unrounded float32 results.
 """
 import importlib
+import math
 
 import torch
 
@@ -99,3 +100,97 @@ class CudaReferenceAttentionFunction(torch.autograd.Function):
             d_out = torch.zeros_like(q)
         dq, dk, dv = backward_float32(d_out.to(q.dtype), q, k, v, out32, lse, ctx.causal, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The reference's own accuracy rule (tests/test_cuda_reference.py, tests/test_parity.py)
+# ---------------------------------------------------------------------------------------
+#
+# Every operation is float32 (unit roundoff u = 2^-24 = 6e-8) and every input converts to
+# float32 exactly, so the float32 results differ from float64 by float32 rounding alone:
+# dot products of D <= 256 terms, sums over up to N ~ 4k keys or queries (accumulated in
+# 32-wide tiles), exp and log. Measured on the host build: 3e-7 to 3e-6 of max|f64| for out,
+# dq, dk, dv (N up to 4097, D up to 256). REFERENCE_RTOL = 2e-5 leaves 5-10x room over that,
+# and is still 25x below half an fp16 ulp (2^-11 = 4.9e-4, relative) and 200x below a bf16
+# one (3.9e-3): any low-precision step anywhere in the computation breaks it.
+# Rounded results (out, dq, dk, dv in fp16/bf16, as flashtile.attention returns them) may
+# in addition be off by the final rounding, half an ulp of the dtype at each value.
+# lse is float32: m + log(l), with m one score (error ~ D u |s|) and l a sum of N terms:
+# REFERENCE_LSE_ATOL = 1e-5 (~10x the 1e-6 measured) plus 2e-6 |lse| for large scores.
+REFERENCE_RTOL = 2e-5
+REFERENCE_LSE_ATOL = 1e-5
+REFERENCE_LSE_RTOL = 2e-6
+
+
+def half_ulp(dtype, reference):
+    """Half the spacing of `dtype` at each element of `reference` (0 for float32/float64)."""
+    if dtype in (torch.float32, torch.float64):
+        return torch.zeros_like(reference)
+    finfo = torch.finfo(dtype)
+    magnitude = reference.abs().clamp_min(finfo.tiny)
+    return 0.5 * finfo.eps * torch.exp2(torch.floor(torch.log2(magnitude)))
+
+
+def reference_problems(results, f64, dtype=torch.float32):
+    """What breaks the reference's rule, as a list of strings (empty: it holds).
+
+    results, f64: dicts with "out", "lse" and optionally "dq", "dk", "dv" (as
+    flashtile.testing.run_attention returns them). dtype: the dtype the results were
+    rounded to (float32 for the unrounded results of forward_float32 / backward_float32).
+    For out, dq, dk, dv, elementwise: |x - f64| <= half_ulp(dtype, f64) + REFERENCE_RTOL * max|f64|.
+    lse: -inf exactly where f64 is -inf, else |lse - f64| <= ATOL + RTOL |f64|. No NaN.
+    """
+    problems = []
+    for name in ("out", "dq", "dk", "dv"):
+        x, truth = results.get(name), f64.get(name)
+        if x is None or truth is None:
+            continue
+        if x.shape != truth.shape:
+            problems.append(f"{name}: shape {tuple(x.shape)}, expected {tuple(truth.shape)}")
+            continue
+        if x.numel() == 0:
+            continue
+        if torch.isnan(x).any():
+            problems.append(f"{name} contains NaN")
+            continue
+        truth = truth.double()
+        err = (x.double() - truth).abs()
+        scale = truth.abs().max().item()
+        bound = half_ulp(dtype, truth).double() + REFERENCE_RTOL * scale
+        if not bool((err <= bound).all()):
+            worst = int((err - bound).argmax())
+            problems.append(f"{name}: max|x - f64| = {err.max().item():.3e} (max|f64| {scale:.3e}, "
+                            f"relative {err.max().item() / max(scale, 1e-300):.2e}); the worst element is off by "
+                            f"{err.flatten()[worst].item():.3e} > its bound {bound.flatten()[worst].item():.3e}")
+    lse, truth = results.get("lse"), f64.get("lse")
+    if lse is not None and truth is not None:
+        if lse.dtype != torch.float32:
+            problems.append(f"lse has dtype {lse.dtype}, expected torch.float32")
+        if lse.shape != truth.shape:
+            problems.append(f"lse: shape {tuple(lse.shape)}, expected {tuple(truth.shape)}")
+        elif lse.numel():
+            if torch.isnan(lse).any():
+                problems.append("lse contains NaN")
+            inf_mismatch = int(((lse == float("-inf")) != (truth == float("-inf"))).sum())
+            inf_mismatch += int((lse == float("inf")).sum())
+            if inf_mismatch:
+                problems.append(f"lse: {inf_mismatch} entries -inf (or +inf) in one of impl / f64 only")
+            finite = torch.isfinite(truth)
+            if finite.any():
+                diff = (lse.double()[finite] - truth.double()[finite]).abs()
+                bound = REFERENCE_LSE_ATOL + REFERENCE_LSE_RTOL * truth.double()[finite].abs()
+                if not bool((diff <= bound).all()):
+                    problems.append(f"lse: max|lse - f64| = {diff.max().item():.3e} exceeds "
+                                    f"{REFERENCE_LSE_ATOL:g} + {REFERENCE_LSE_RTOL:g} |f64|")
+    return problems
+
+
+def float32_results(q, k, v, causal, scale, d_out=None):
+    """The reference's unrounded float32 results as a dict like run_attention's."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = forward_float32(q, k, v, causal, scale)
+    result = {"out": out, "lse": lse, "dq": None, "dk": None, "dv": None}
+    if d_out is not None:
+        result["dq"], result["dk"], result["dv"] = backward_float32(d_out, q, k, v, out, lse, causal, scale)
+    return result
