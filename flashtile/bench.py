@@ -445,11 +445,17 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="directory for bench.json and the PNG plots")
     parser.add_argument("--no-plots", action="store_true", help="with --out: JSON only")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--from-json", default=None, metavar="BENCH_JSON",
+                        help="measure nothing: print the tables of a bench.json (and with --out, plot it)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        results, env = load_json(args.from_json)
+        finish(results, env, args.out, plots=bool(args.out) and not args.no_plots)
+        return results["speed"]
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         # The kernels must be decorated by the interpreter: before any kernel module is imported.
@@ -485,7 +491,12 @@ def main(argv=None):
         plan += [("memory", dt, d, c, n, name) for dt, d, c in cases for n in seqs for name in impls]
     if "stability" in parts:
         plan += [("stability", dt, d, c, n, None) for dt, d, c in cases for n in stability_seqs]
+    env = environment(device)
+    settings = dict(vars(args), seqs=seqs, head_dims=head_dims, stability_seqs=stability_seqs, impls=impls,
+                    command=" ".join(["python -m flashtile.bench"] + list(sys.argv[1:] if argv is None else argv)))
     results = dict(speed=[], memory=[], stability=[])
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     bar = progress_bar(len(plan), not args.no_progress)
     for part, dtype, head_dim, causal, n, name in plan:
         bar.set_description(f"{part} {str(dtype)[6:]} D={head_dim} causal={int(causal)} N={n} {name or ''}")
@@ -499,44 +510,62 @@ def main(argv=None):
             heads = args.stability_heads if on_gpu else 2
             results["stability"] += measure_stability(impls, 1, heads, n, head_dim, causal, dtype, device)
         bar.update(1)
+        if args.out:  # after every point, so that an interrupted run keeps what it measured
+            save_json(args.out, env, settings, results)
     bar.close()
-
-    env = environment(device)
-    print(report_markdown(results, env, on_gpu, args, memory_shape, speed_shape))
-    if not on_gpu:
-        print("\n" + CPU_NOTE)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        settings = dict(vars(args), seqs=seqs, head_dims=head_dims, stability_seqs=stability_seqs, impls=impls,
-                        command=" ".join(["python -m flashtile.bench"] + list(sys.argv[1:] if argv is None else argv)))
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump(dict(environment=env, settings=settings, rows=results["speed"], memory=results["memory"],
-                           stability=results["stability"]), f, indent=1)
-        written = ["bench.json"]
-        if not args.no_plots:
-            from .bench_plots import write_plots
-
-            written += write_plots(results, env, args.out)
-        print(f"\nwrote {', '.join(written)} under {args.out}")
+    finish(results, env, args.out, plots=not args.no_plots)
     return results["speed"]
 
 
-def report_markdown(results, env, on_gpu, args, memory_shape, speed_shape):
+def save_json(out_dir, env, settings, results):
+    path = os.path.join(out_dir, "bench.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(environment=env, settings=settings, rows=results["speed"], memory=results["memory"],
+                       stability=results["stability"]), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_json(path):
+    """(results, environment) of a bench.json, as main() keeps them."""
+    with open(path) as f:
+        data = json.load(f)
+    results = dict(speed=data.get("rows", []), memory=data.get("memory", []), stability=data.get("stability", []))
+    return results, data["environment"]
+
+
+def finish(results, env, out_dir, plots=True):
+    """Print the markdown report; with out_dir, write the plots beside bench.json."""
+    print(report_markdown(results, env))
+    if env["device"] != "cuda":
+        print("\n" + CPU_NOTE)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        written = ["bench.json"] if os.path.exists(os.path.join(out_dir, "bench.json")) else []
+        if plots:
+            from .bench_plots import write_plots
+
+            written += write_plots(results, env, out_dir)
+        print(f"\nwrote {', '.join(written)} under {out_dir}")
+
+
+def report_markdown(results, env):
+    on_gpu = env["device"] == "cuda"
     where = env["gpu"] if on_gpu else f"CPU ({env['cpu']}), Triton interpreter"
     lines = [f"## flashtile.bench on {where}",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit'][:10]}, "
              f"{env['date']}"]
     speed, memory, stability = results["speed"], results["memory"], results["stability"]
     if speed:
-        b, h = speed_shape(speed[0]["N"], speed[0]["D"])
-        shape = f"B = {args.tokens} / N, H = {args.model_dim} / D" if on_gpu else f"B = {b}, H = {h}"
+        r = speed[0]
+        batches = {x["B"] * x["N"] for x in speed}
+        shape = (f"B = {r['B'] * r['N']} / N, H = {r['H'] * r['D']} / D" if len(batches) == 1
+                 else f"B = {r['B']}, H = {r['H']}")
         lines += ["", f"### Forward / forward+backward TFLOP/s ({shape})", "", markdown_table(speed),
                   "", "### Forward / forward+backward latency, ms", "", latency_table(speed)]
     if memory:
-        b, h = memory_shape(memory[0]["N"], memory[0]["D"])
-        shape = f"B = 1, H = {args.model_dim} / D" if on_gpu else f"B = {b}, H = {h}"
-        lines += ["", f"### Peak memory beyond q, k, v, dO: forward / forward+backward, MiB ({shape})", "",
-                  memory_table(memory)]
+        r = memory[0]
+        lines += ["", "### Peak memory beyond q, k, v, dO: forward (no grad) / forward+backward, MiB "
+                  f"(B = {r['B']}, H = {r['H'] * r['D']} / D)", "", memory_table(memory)]
     if stability:
         lines += ["", "### max |error| vs float64 of O, dQ, dK, dV "
                   f"(B = 1, H = {stability[0]['H']}; *{TORCH_SAME_PRECISION}* is PyTorch's own computation "
