@@ -1,0 +1,1 @@
+"""asv benchmarks of flashtile (see attention.py and asv_bench/README.md)."""
