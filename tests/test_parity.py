@@ -105,8 +105,11 @@ def case_id(case):
 
 
 def params(cases, impls):
-    # case-major order: the one-case cache below serves all implementations of a case
-    return [pytest.param(case, impl, id=f"{case_id(case)}-{impl}")
+    # Case-major order: the one-case cache below serves all implementations of a case.
+    # Under pytest-xdist (--dist loadgroup) a case's implementations share one worker, so
+    # workers compile different cases' kernels in parallel and each computes a case's
+    # float64 reference once.
+    return [pytest.param(case, impl, id=f"{case_id(case)}-{impl}", marks=pytest.mark.xdist_group(case_id(case)))
             for case in cases for impl in impls if runs(impl, case)]
 
 
