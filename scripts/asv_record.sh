@@ -102,9 +102,21 @@ for c in "${full[@]}"; do
   echo "== $short: $(git_m log -1 --format=%s "$c" | cut -c1-90)"
   rm -rf "$work/src" "$work/site"; mkdir -p "$work/src"
   git_m archive "$c" | tar -x -C "$work/src"
-  if ! "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-warn-script-location \
-        --target "$work/site" "$work/src" >"$work/pip.log" 2>&1; then
+  # The CUDA reference's extension is built once per version of its sources, not per commit.
+  ext_key=""
+  if git_m cat-file -e "$c:cuda_reference" 2>/dev/null; then
+    ext_key=$(git_m rev-parse "$c:cuda_reference")-$(git_m rev-parse --verify --quiet "$c:bindings" || echo none)
+  fi
+  ext_cached=""
+  if [[ -n $ext_key ]] && compgen -G "$work/ext/$ext_key/*.so" >/dev/null; then ext_cached=$work/ext/$ext_key; fi
+  if ! FLASHTILE_BUILD_EXTENSION=${ext_cached:+0} "$PYTHON" -m pip install -q --no-deps --no-build-isolation \
+        --no-warn-script-location --target "$work/site" "$work/src" >"$work/pip.log" 2>&1; then
     echo "   pip install failed:"; tail -20 "$work/pip.log"; status=1; continue
+  fi
+  if [[ -n $ext_cached ]]; then
+    cp "$ext_cached"/*.so "$work/site/flashtile/"; echo "   CUDA reference extension reused from an earlier commit"
+  elif [[ -n $ext_key ]] && compgen -G "$work/site/flashtile/_cuda_reference*.so" >/dev/null; then
+    mkdir -p "$work/ext/$ext_key"; cp "$work"/site/flashtile/_cuda_reference*.so "$work/ext/$ext_key/"
   fi
   grep -i "warning: building" "$work/pip.log" | head -3 || true
   export ASV_PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
