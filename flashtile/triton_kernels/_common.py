@@ -13,7 +13,6 @@ Conventions used by every kernel in this package
   Each kernel splits its loop into the blocks that need no mask and the few that do
   (the diagonal and the sequence tail), so only those pay for the mask.
 """
-import functools
 import os
 
 import torch
@@ -182,6 +181,30 @@ def tile_pointers(base, head_off, first_row, rows, cols, stride_n, stride_d):
     `rows` and `cols` are small aranges; the large part of the offset is int64."""
     start = base + head_off + tl.cast(first_row, tl.int64) * stride_n
     return start + rows[:, None] * stride_n + cols[None, :] * stride_d
+
+
+@triton.jit
+def block_of_program(n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """(bh, first row) of this program's block. Programs run over (batch * head, block), blocks
+    fastest, in one grid dimension (grid y and z stop at 65535; B * H need not).
+
+    LONGEST_FIRST reverses the block order: under a causal mask later query blocks see more
+    keys, and launching them first leaves short programs for the last wave."""
+    num_blocks = tl.cdiv(n_rows, BLOCK)
+    bh = tl.program_id(0) // num_blocks
+    block = tl.program_id(0) % num_blocks
+    if LONGEST_FIRST:
+        block = num_blocks - 1 - block
+    return bh, block * BLOCK
+
+
+@triton.jit
+def load_head_tile(base, bh, n_heads, stride_b, stride_h, stride_n, stride_d,
+                   first_row, local_rows, n_rows, cols, head_dim, EVEN_D: tl.constexpr):
+    """The tile of rows first_row + local_rows (zero past n_rows and head_dim) of head `bh`."""
+    ptrs = tile_pointers(base, head_offset(bh, n_heads, stride_b, stride_h), first_row,
+                         local_rows, cols, stride_n, stride_d)
+    return load_tile(ptrs, first_row + local_rows, n_rows, cols, head_dim, EVEN_D, True)
 
 
 @triton.jit

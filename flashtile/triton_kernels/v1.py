@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotuned, head_dim_args, head_offset, is_visible, key_range_for_query_block,
-                      load_tile, query_range_for_key_block, seq_bucket, store_tile, tile_pointers)
+from ._common import (autotuned, block_of_program, head_dim_args, head_offset, is_visible,
+                      key_range_for_query_block, load_head_tile, load_tile, query_range_for_key_block,
+                      seq_bucket, store_tile, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,18 +89,12 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
                        n_heads, n_q, n_k, scale, q_bucket, k_bucket,
                        head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    num_q_blocks = tl.cdiv(n_q, BLOCK_M)
-    bh = tl.program_id(0) // num_q_blocks
-    q_block = tl.program_id(0) % num_q_blocks
-    if IS_CAUSAL:
-        q_block = num_q_blocks - 1 - q_block  # most work first
-    q_start = q_block * BLOCK_M
+    bh, q_start = block_of_program(n_q, BLOCK_M, IS_CAUSAL)
     local_queries = tl.arange(0, BLOCK_M)
     queries = q_start + local_queries
     dims = tl.arange(0, BLOCK_D)
-    q = load_tile(tile_pointers(Q, head_offset(bh, n_heads, stride_qb, stride_qh), q_start,
-                                local_queries, dims, stride_qn, stride_qd),
-                  queries, n_q, dims, head_dim, EVEN_D, True)
+    q = load_head_tile(Q, bh, n_heads, stride_qb, stride_qh, stride_qn, stride_qd,
+                       q_start, local_queries, n_q, dims, head_dim, EVEN_D)
 
     # Line 2: O = 0, l = 0, m = -inf.
     out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -189,19 +184,15 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ_ACCUM,
                         n_heads, n_q, n_k, scale, q_bucket, k_bucket,
                         head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    num_k_blocks = tl.cdiv(n_k, BLOCK_N)
-    bh = tl.program_id(0) // num_k_blocks
-    k_start = (tl.program_id(0) % num_k_blocks) * BLOCK_N
+    bh, k_start = block_of_program(n_k, BLOCK_N, False)
     local_keys = tl.arange(0, BLOCK_N)
     keys = k_start + local_keys
     dims = tl.arange(0, BLOCK_D)
     # Lines 6-7: load K_j, V_j; dK_j = dV_j = 0.
-    k = load_tile(tile_pointers(K, head_offset(bh, n_heads, stride_kb, stride_kh), k_start,
-                                local_keys, dims, stride_kn, stride_kd),
-                  keys, n_k, dims, head_dim, EVEN_D, True)
-    v = load_tile(tile_pointers(V, head_offset(bh, n_heads, stride_vb, stride_vh), k_start,
-                                local_keys, dims, stride_vn, stride_vd),
-                  keys, n_k, dims, head_dim, EVEN_D, True)
+    k = load_head_tile(K, bh, n_heads, stride_kb, stride_kh, stride_kn, stride_kd,
+                       k_start, local_keys, n_k, dims, head_dim, EVEN_D)
+    v = load_head_tile(V, bh, n_heads, stride_vb, stride_vh, stride_vn, stride_vd,
+                       k_start, local_keys, n_k, dims, head_dim, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_head = head_offset(bh, n_heads, stride_qb, stride_qh)

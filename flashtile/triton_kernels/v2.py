@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, autotuned, head_dim_args,
-                      head_offset, is_visible, key_range_for_query_block, load_tile,
-                      query_range_for_key_block, seq_bucket, store_tile, tile_pointers)
+from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, autotuned, block_of_program,
+                      head_dim_args, head_offset, is_visible, key_range_for_query_block,
+                      load_head_tile, load_tile, query_range_for_key_block, seq_bucket, store_tile,
+                      tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,20 +84,13 @@ def _v2_forward_kernel(Q, K, V, O, LSE,
                        n_heads, n_q, n_k, qk_scale, q_bucket, k_bucket,
                        head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    num_q_blocks = tl.cdiv(n_q, BLOCK_M)
-    bh = tl.program_id(0) // num_q_blocks
-    q_block = tl.program_id(0) % num_q_blocks
-    if IS_CAUSAL:
-        # Later query blocks see more keys: start them first so the last wave is short.
-        q_block = num_q_blocks - 1 - q_block
-    q_start = q_block * BLOCK_M
+    bh, q_start = block_of_program(n_q, BLOCK_M, IS_CAUSAL)
     local_queries = tl.arange(0, BLOCK_M)
     queries = q_start + local_queries
     dims = tl.arange(0, BLOCK_D)
 
-    q_ptrs = tile_pointers(Q, head_offset(bh, n_heads, stride_qb, stride_qh), q_start,
-                           local_queries, dims, stride_qn, stride_qd)
-    q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
+    q = load_head_tile(Q, bh, n_heads, stride_qb, stride_qh, stride_qn, stride_qd,
+                       q_start, local_queries, n_q, dims, head_dim, EVEN_D)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,18 +128,14 @@ def _v2_delta_kernel(O, DO, DELTA,
                      n_heads, n_q,
                      head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = rowsum(dO_i * O_i) (Algorithm 2, line 4): dS = P * (dP - delta)."""
-    num_q_blocks = tl.cdiv(n_q, BLOCK_M)
-    bh = tl.program_id(0) // num_q_blocks
-    q_start = (tl.program_id(0) % num_q_blocks) * BLOCK_M
+    bh, q_start = block_of_program(n_q, BLOCK_M, False)
     local_queries = tl.arange(0, BLOCK_M)
     queries = q_start + local_queries
     dims = tl.arange(0, BLOCK_D)
-    o = load_tile(tile_pointers(O, head_offset(bh, n_heads, stride_ob, stride_oh), q_start,
-                                local_queries, dims, stride_on, stride_od),
-                  queries, n_q, dims, head_dim, EVEN_D, True)
-    do = load_tile(tile_pointers(DO, head_offset(bh, n_heads, stride_dob, stride_doh), q_start,
-                                 local_queries, dims, stride_don, stride_dod),
-                   queries, n_q, dims, head_dim, EVEN_D, True)
+    o = load_head_tile(O, bh, n_heads, stride_ob, stride_oh, stride_on, stride_od,
+                       q_start, local_queries, n_q, dims, head_dim, EVEN_D)
+    do = load_head_tile(DO, bh, n_heads, stride_dob, stride_doh, stride_don, stride_dod,
+                        q_start, local_queries, n_q, dims, head_dim, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * n_q + queries, delta, mask=queries < n_q)
 
@@ -224,18 +214,14 @@ def dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACCUM,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """One program of the key-major backward: dK and dV of one key block (and, with
     ATOMIC_DQ, its share of dQ). The body of v2's dK/dV kernel and of v2_atomic's kernel."""
-    num_k_blocks = tl.cdiv(n_k, BLOCK_N)
-    bh = tl.program_id(0) // num_k_blocks
-    k_start = (tl.program_id(0) % num_k_blocks) * BLOCK_N
+    bh, k_start = block_of_program(n_k, BLOCK_N, False)
     local_keys = tl.arange(0, BLOCK_N)
     keys = k_start + local_keys
     dims = tl.arange(0, BLOCK_D)
-    k = load_tile(tile_pointers(K, head_offset(bh, n_heads, stride_kb, stride_kh), k_start,
-                                local_keys, dims, stride_kn, stride_kd),
-                  keys, n_k, dims, head_dim, EVEN_D, True)
-    v = load_tile(tile_pointers(V, head_offset(bh, n_heads, stride_vb, stride_vh), k_start,
-                                local_keys, dims, stride_vn, stride_vd),
-                  keys, n_k, dims, head_dim, EVEN_D, True)
+    k = load_head_tile(K, bh, n_heads, stride_kb, stride_kh, stride_kn, stride_kd,
+                       k_start, local_keys, n_k, dims, head_dim, EVEN_D)
+    v = load_head_tile(V, bh, n_heads, stride_vb, stride_vh, stride_vn, stride_vd,
+                       k_start, local_keys, n_k, dims, head_dim, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_head = head_offset(bh, n_heads, stride_qb, stride_qh)
@@ -318,21 +304,14 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                   n_heads, n_q, n_k, scale, qk_scale, q_bucket, k_bucket,
                   head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    num_q_blocks = tl.cdiv(n_q, BLOCK_M)
-    bh = tl.program_id(0) // num_q_blocks
-    q_block = tl.program_id(0) % num_q_blocks
-    if IS_CAUSAL:
-        q_block = num_q_blocks - 1 - q_block
-    q_start = q_block * BLOCK_M
+    bh, q_start = block_of_program(n_q, BLOCK_M, IS_CAUSAL)
     local_queries = tl.arange(0, BLOCK_M)
     queries = q_start + local_queries
     dims = tl.arange(0, BLOCK_D)
-    q = load_tile(tile_pointers(Q, head_offset(bh, n_heads, stride_qb, stride_qh), q_start,
-                                local_queries, dims, stride_qn, stride_qd),
-                  queries, n_q, dims, head_dim, EVEN_D, True)
-    do = load_tile(tile_pointers(DO, head_offset(bh, n_heads, stride_dob, stride_doh), q_start,
-                                 local_queries, dims, stride_don, stride_dod),
-                   queries, n_q, dims, head_dim, EVEN_D, True)
+    q = load_head_tile(Q, bh, n_heads, stride_qb, stride_qh, stride_qn, stride_qd,
+                       q_start, local_queries, n_q, dims, head_dim, EVEN_D)
+    do = load_head_tile(DO, bh, n_heads, stride_dob, stride_doh, stride_don, stride_dod,
+                        q_start, local_queries, n_q, dims, head_dim, EVEN_D)
     lse, delta = load_row_stats(LSE, DELTA, bh, queries, n_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = head_offset(bh, n_heads, stride_kb, stride_kh)

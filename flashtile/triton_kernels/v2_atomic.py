@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2_E, autotuned, seq_bucket
-from .v2 import dkdv_program, shape_args, v2_delta, v2_forward
+from .v2 import FlashAttentionV2Function, dkdv_program, shape_args, v2_delta
 
 
 @autotuned("backward", owned="BLOCK_N", looped="BLOCK_M", reset_to_zero=["DQ_ACCUM"])
@@ -58,16 +58,8 @@ class FlashAttentionV2AtomicFunction(torch.autograd.Function):
     """FlashAttention-2 forward, atomic-dQ backward:
     `FlashAttentionV2AtomicFunction.apply(q, k, v, causal=False, scale=None)` -> (out, lse)."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal=False, scale=None):
-        from ..interface import check_inputs
-
-        scale = check_inputs(q, k, v, causal, scale, "v2_atomic", False)
-        out, lse = v2_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    # The forward is v2's, input checks and saved tensors included.
+    forward = staticmethod(FlashAttentionV2Function.forward)
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
