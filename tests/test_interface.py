@@ -16,8 +16,10 @@ from conftest import make_qkv
 KERNEL_MODULES = ("v1", "v2", "v2_atomic")
 FUNCTION_CLASSES = {"v1": "FlashAttentionV1Function", "v2": "FlashAttentionV2Function",
                     "v2_atomic": "FlashAttentionV2AtomicFunction"}
-# The launchers each Function's forward calls after its own check_inputs.
-LAUNCHERS = {"v1": ("v1_forward",), "v2": ("v2_forward",), "v2_atomic": ("v2_forward",)}
+# The launchers each Function's forward calls after its own check_inputs, as (module, name):
+# v2_atomic's forward is v2's.
+LAUNCHERS = {"v1": (("v1", "v1_forward"),), "v2": (("v2", "v2_forward"),),
+             "v2_atomic": (("v2", "v2_forward"),)}
 
 
 def _kernel_module(impl):
@@ -38,8 +40,8 @@ def no_kernels(monkeypatch):
             raise AssertionError(f"a {_impl} kernel was reached with invalid input")
 
         monkeypatch.setattr(getattr(module, FUNCTION_CLASSES[impl]), "apply", kernel_ran)
-        for launcher in LAUNCHERS[impl]:
-            monkeypatch.setattr(module, launcher, kernel_ran)
+        for launcher_module, launcher in LAUNCHERS[impl]:
+            monkeypatch.setattr(modules[launcher_module], launcher, kernel_ran)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -200,8 +202,8 @@ def test_function_classes_check_their_inputs(impl, monkeypatch):
     def kernel_ran(*args, **kwargs):
         raise AssertionError(f"{impl}'s launcher was reached with invalid input")
 
-    for launcher in LAUNCHERS[impl]:
-        monkeypatch.setattr(module, launcher, kernel_ran)
+    for launcher_module, launcher in LAUNCHERS[impl]:
+        monkeypatch.setattr(_kernel_module(launcher_module), launcher, kernel_ran)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = qkv()
     with pytest.raises(TypeError, match=r"\bq\b.*dtype"):
