@@ -35,13 +35,37 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
+// The bindings' own errors are Python exceptions set here, not c10::Error thrown for
+// pybind11 to translate: the message is built with std::ostringstream, PyErr_SetString sets
+// TypeError or RuntimeError, and pybind11::error_already_set carries it out, which pybind11's
+// dispatcher restores before any exception translator runs. No c10 backtrace is captured and
+// neither torch's translator nor pybind11's translator registry is involved (on the GPU
+// machine's torch 2.11.0+cu130 CUDA build, the first TORCH_CHECK_TYPE raised here killed the
+// process with a segfault; valid calls ran). Called with the GIL held.
+template <typename... Parts>
+[[noreturn]] void raise_error(PyObject* type, const Parts&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  PyErr_SetString(type, message.str().c_str());
+  throw pybind11::error_already_set();
+}
+
+#define FT_CHECK(cond, ...)                                          \
+  do {                                                               \
+    if (!(cond)) raise_error(PyExc_RuntimeError, __VA_ARGS__);       \
+  } while (0)
+#define FT_CHECK_TYPE(cond, ...)                                     \
+  do {                                                               \
+    if (!(cond)) raise_error(PyExc_TypeError, __VA_ARGS__);          \
+  } while (0)
+
 DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
+      FT_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
                        "; the CUDA reference supports float16, bfloat16 and float32");
   }
   return DType::kFloat32;  // unreachable
@@ -50,17 +74,17 @@ DType dtype_of(const at::Tensor& t, const char* name) {
 Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 void check_4d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (batch, heads, seq, head_dim), got ", t.sizes());
+  FT_CHECK(t.dim() == 4, name, " must be 4-D (batch, heads, seq, head_dim), got ", t.sizes());
 }
 
 void check_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+  FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
   if (t.is_cuda()) {
-    TORCH_CHECK(kWithCuda,
+    FT_CHECK(kWithCuda,
                 "flashtile's CUDA reference was built without CUDA (the host build: torch without CUDA or "
                 "no nvcc when it was installed); it runs on CPU tensors only");
   } else {
-    TORCH_CHECK(t.is_cpu(), name, " is on ", t.device(), "; the CUDA reference runs on CUDA or CPU tensors");
+    FT_CHECK(t.is_cpu(), name, " is on ", t.device(), "; the CUDA reference runs on CUDA or CPU tensors");
   }
 }
 
@@ -70,24 +94,24 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_4d(k, "k");
   check_4d(v, "v");
   const DType dtype = dtype_of(q, "q");
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  FT_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                    v.scalar_type());
   (void)dtype;
   check_device(q, q, "q");
   check_device(k, q, "k");
   check_device(v, q, "v");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q ", q.size(0), ", k ",
+  FT_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q ", q.size(0), ", k ",
               k.size(0), ", v ", v.size(0));
-  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "head counts differ: q ", q.size(1), ", k ",
+  FT_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "head counts differ: q ", q.size(1), ", k ",
               k.size(1), ", v ", v.size(1));
-  TORCH_CHECK(k.size(2) == v.size(2), "k and v must have the same sequence length, got ", k.size(2), " and ",
+  FT_CHECK(k.size(2) == v.size(2), "k and v must have the same sequence length, got ", k.size(2), " and ",
               v.size(2));
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "head_dim differs: q ", q.size(3), ", k ",
+  FT_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "head_dim differs: q ", q.size(3), ", k ",
               k.size(3), ", v ", v.size(3));
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= flashtile_ref::kMaxHeadDim, "head_dim must be in 1..",
+  FT_CHECK(q.size(3) >= 1 && q.size(3) <= flashtile_ref::kMaxHeadDim, "head_dim must be in 1..",
               flashtile_ref::kMaxHeadDim, ", got ", q.size(3));
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be finite and positive, got ", scale);
+  FT_CHECK(std::isfinite(scale) && scale > 0, "scale must be finite and positive, got ", scale);
   Problem p;
   p.batch = q.size(0);
   p.heads = q.size(1);
@@ -100,10 +124,10 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 void check_float32(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32 (the forward's), got ",
+  FT_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32 (the forward's), got ",
                    t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
-  TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+  FT_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
+  FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
@@ -127,7 +151,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 #ifdef FLASHTILE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaError_t err = flashtile_ref::forward_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "flashtile CUDA reference forward: ", cudaGetErrorString(err));
+    FT_CHECK(err == cudaSuccess, "flashtile CUDA reference forward: ", cudaGetErrorString(err));
 #endif
   } else {
     const char* problem;
@@ -135,7 +159,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       pybind11::gil_scoped_release no_gil;
       problem = flashtile_ref::forward_host(a);
     }
-    TORCH_CHECK(problem == nullptr, "flashtile CUDA reference forward (host build): ", problem);
+    FT_CHECK(problem == nullptr, "flashtile CUDA reference forward (host build): ", problem);
   }
   return {out, lse};
 }
@@ -145,9 +169,9 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
                                  double scale) {
   const Problem p = check_qkv(q, k, v, causal, scale);
   check_4d(d_out, "d_out");
-  TORCH_CHECK_TYPE(d_out.scalar_type() == q.scalar_type(), "d_out has dtype ", d_out.scalar_type(),
+  FT_CHECK_TYPE(d_out.scalar_type() == q.scalar_type(), "d_out has dtype ", d_out.scalar_type(),
                    ", expected q's ", q.scalar_type());
-  TORCH_CHECK(d_out.sizes() == q.sizes(), "d_out has shape ", d_out.sizes(), ", expected q's ", q.sizes());
+  FT_CHECK(d_out.sizes() == q.sizes(), "d_out has shape ", d_out.sizes(), ", expected q's ", q.sizes());
   check_device(d_out, q, "d_out");
   check_float32(out, "out", q.sizes(), q);
   check_float32(lse, "lse", {p.batch, p.heads, p.n_q}, q);
@@ -179,7 +203,7 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
 #ifdef FLASHTILE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaError_t err = flashtile_ref::backward_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "flashtile CUDA reference backward: ", cudaGetErrorString(err));
+    FT_CHECK(err == cudaSuccess, "flashtile CUDA reference backward: ", cudaGetErrorString(err));
 #endif
   } else {
     const char* problem;
@@ -187,7 +211,7 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
       pybind11::gil_scoped_release no_gil;
       problem = flashtile_ref::backward_host(a);
     }
-    TORCH_CHECK(problem == nullptr, "flashtile CUDA reference backward (host build): ", problem);
+    FT_CHECK(problem == nullptr, "flashtile CUDA reference backward (host build): ", problem);
   }
   return {dq, dk, dv};
 }
@@ -195,7 +219,7 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
 // The storage conversion both builds use (flashtile_ref::to_float), on a CPU tensor, for
 // the tests: they compare it with torch's over every fp16 and bf16 bit pattern.
 at::Tensor storage_to_float(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cpu(), "storage_to_float takes a CPU tensor");
+  FT_CHECK(x.is_cpu(), "storage_to_float takes a CPU tensor");
   const at::Tensor c = x.contiguous();
   at::Tensor result = at::empty(c.sizes(), c.options().dtype(at::kFloat));
   float* dst = result.data_ptr<float>();

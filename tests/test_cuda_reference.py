@@ -252,6 +252,26 @@ def test_the_bindings_check_too():
         ext.backward(q, q, q, q, out, lse[:, :1], False, 0.5)
 
 
+def test_the_bindings_errors_need_no_cpp_exception_translation():
+    """The bindings raise their argument errors as Python exceptions themselves (no c10::Error
+    for pybind11 / torch to translate: a torch 2.11 CUDA build segfaulted there). In a child
+    process, so that a crash fails this test instead of killing pytest; with
+    TORCH_SHOW_CPP_STACKTRACES=1 a c10::Error would append its C++ backtrace to the message."""
+    import os
+    import subprocess
+
+    cuda_reference.extension()  # a clear failure here if the extension is not built
+    code = ("import torch\nfrom flashtile import cuda_reference\n"
+            "ext = cuda_reference.extension()\nq = torch.randn(1, 2, 5, 8).double()\n"
+            "try:\n    ext.forward(q, q, q, False, 0.5)\n"
+            "except TypeError as e:\n    print('raised:', repr(str(e)))\n")
+    env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert "raised: 'q has dtype Double;" in proc.stdout, proc.stdout
+    assert "Exception raised from" not in proc.stdout, proc.stdout
+
+
 def test_not_built_raises_a_clear_error(monkeypatch):
     """Without the extension flashtile imports and impl='cuda' says it was not built."""
     monkeypatch.setitem(sys.modules, "flashtile._cuda_reference", None)  # import now fails
