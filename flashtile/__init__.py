@@ -13,20 +13,16 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The autograd Function classes, importable from the top level without importing
     # (and autotuning) every kernel module when flashtile itself is imported.
-    classes = {
-        "FlashAttentionV1Function": "v1",
-        "FlashAttentionV2Function": "v2",
-        "FlashAttentionV2AtomicFunction": "v2_atomic",
+    modules = {
+        "FlashAttentionV1Function": ".triton_kernels.v1",
+        "FlashAttentionV2Function": ".triton_kernels.v2",
+        "FlashAttentionV2AtomicFunction": ".triton_kernels.v2_atomic",
+        "CudaReferenceAttentionFunction": ".cuda_reference",  # impl="cuda"
     }
-    if name in classes:
+    if name in modules:
         import importlib
 
-        module = importlib.import_module(f".triton_kernels.{classes[name]}", __name__)
-        return getattr(module, name)
-    if name == "CudaReferenceAttentionFunction":  # impl="cuda" (flashtile/cuda_reference.py)
-        from .cuda_reference import CudaReferenceAttentionFunction
-
-        return CudaReferenceAttentionFunction
+        return getattr(importlib.import_module(modules[name], __name__), name)
     raise AttributeError(f"module 'flashtile' has no attribute {name!r}")
 
 
