@@ -41,14 +41,14 @@ import time
 
 import torch
 
-from .reference import attention_flops, attention_reference
+from .reference import attention_flops
+from .testing import QUANTITIES, run_attention, torch_float64, torch_lowprec
 
 FLASHTILE_IMPLS = ("v1", "v2", "v2_atomic")
 SDPA_BACKENDS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 ALL_IMPLS = FLASHTILE_IMPLS + ("cuda",) + SDPA_BACKENDS + ("naive",)
 # The name under which the stability table lists PyTorch's own low-precision computation.
 TORCH_SAME_PRECISION = "torch (same precision)"
-QUANTITIES = ("out", "dq", "dk", "dv")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 CPU_NOTE = ("NOTE: no CUDA device. These are CPU figures (Triton's interpreter, PyTorch on the host) "
@@ -177,9 +177,9 @@ def measure_speed(name, batch, heads, n, head_dim, causal, dtype, device, cpu_re
     finally:
         q = k = v = d_out = None
         free_memory(device)
-    flops = attention_flops(batch, heads, n, n, head_dim, causal, "fwd")
+    flops = {mode: attention_flops(batch, heads, n, n, head_dim, causal, mode) for mode in ("fwd", "fwd_bwd")}
     row.update(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-               fwd_tflops=flops / fwd / 1e9, fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e9)
+               fwd_tflops=flops["fwd"] / fwd / 1e9, fwd_bwd_tflops=flops["fwd_bwd"] / fwd_bwd / 1e9)
     return row
 
 
@@ -288,11 +288,11 @@ def measure_stability(names, batch, heads, n, head_dim, causal, dtype, device):
     (q, k, v), d_out = random_inputs(batch, heads, n, head_dim, dtype, device, seed=1)
     rows = []
     try:
-        truth = outputs_and_grads(lambda *t: attention_reference(*t, causal=causal)[0],
-                                  q.double(), k.double(), v.double(), d_out.double())
+        # The truth of flashtile.testing: float64 leaves, so that the gradients are float64 too.
+        truth = run_attention(torch_float64, q.double(), k.double(), v.double(), causal, None, d_out.double())
     except RuntimeError as error:  # the float64 reference itself did not fit
         return [dict(base, impl=name, error=failure(error)) for name in (TORCH_SAME_PRECISION,) + tuple(names)]
-    lowprec = lambda *t: attention_reference(*t, causal=causal, upcast=False)[0]  # noqa: E731
+    lowprec = lambda q, k, v: torch_lowprec(q, k, v, causal, None)[0]  # noqa: E731
     for name in (TORCH_SAME_PRECISION,) + tuple(names):
         row = dict(base, impl=name)
         try:
