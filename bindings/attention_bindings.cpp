@@ -93,11 +93,10 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_4d(q, "q");
   check_4d(k, "k");
   check_4d(v, "v");
-  const DType dtype = dtype_of(q, "q");
+  dtype_of(q, "q");  // raises TypeError for an unsupported dtype
   FT_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                    v.scalar_type());
-  (void)dtype;
   check_device(q, q, "q");
   check_device(k, q, "k");
   check_device(v, q, "v");
@@ -130,13 +129,9 @@ void check_float32(const at::Tensor& t, const char* name, at::IntArrayRef shape,
   FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                                double scale) {
-  const Problem p = check_qkv(q, k, v, causal, scale);
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.head_dim}, f32);
-  at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, f32);
-  flashtile_ref::ForwardArgs a;
+// The fields ForwardArgs and BackwardArgs share: problem, dtype, q, k, v and their strides.
+template <typename Args>
+void set_inputs(Args& a, const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   a.p = p;
   a.dtype = dtype_of(q, "q");
   a.q = q.data_ptr();
@@ -145,22 +140,48 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   a.k_st = strides_of(k);
   a.v = v.data_ptr();
   a.v_st = strides_of(v);
-  a.out = out.data_ptr<float>();
-  a.lse = lse.data_ptr<float>();
+}
+
+// The launchers of each pass, by argument type, so that one `run_pass` serves both.
+const char* run_host(const flashtile_ref::ForwardArgs& a) { return flashtile_ref::forward_host(a); }
+const char* run_host(const flashtile_ref::BackwardArgs& a) { return flashtile_ref::backward_host(a); }
+#ifdef FLASHTILE_WITH_CUDA
+cudaError_t run_cuda(const flashtile_ref::ForwardArgs& a, cudaStream_t s) { return flashtile_ref::forward_cuda(a, s); }
+cudaError_t run_cuda(const flashtile_ref::BackwardArgs& a, cudaStream_t s) { return flashtile_ref::backward_cuda(a, s); }
+#endif
+
+// Runs one pass: the CUDA launcher on q's device and current stream for CUDA tensors (only
+// in a build with FLASHTILE_WITH_CUDA: check_device refuses CUDA tensors otherwise), else the
+// host build with the GIL released. `what` names the pass in the error message.
+template <typename Args>
+void run_pass(const char* what, const at::Tensor& q, const Args& a) {
   if (q.is_cuda()) {
 #ifdef FLASHTILE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    const cudaError_t err = flashtile_ref::forward_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
-    FT_CHECK(err == cudaSuccess, "flashtile CUDA reference forward: ", cudaGetErrorString(err));
+    const cudaError_t err = run_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
+    FT_CHECK(err == cudaSuccess, "flashtile CUDA reference ", what, ": ", cudaGetErrorString(err));
 #endif
-  } else {
-    const char* problem;
-    {
-      pybind11::gil_scoped_release no_gil;
-      problem = flashtile_ref::forward_host(a);
-    }
-    FT_CHECK(problem == nullptr, "flashtile CUDA reference forward (host build): ", problem);
+    return;
   }
+  const char* problem;
+  {
+    pybind11::gil_scoped_release no_gil;
+    problem = run_host(a);
+  }
+  FT_CHECK(problem == nullptr, "flashtile CUDA reference ", what, " (host build): ", problem);
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                double scale) {
+  const Problem p = check_qkv(q, k, v, causal, scale);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.head_dim}, f32);
+  at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, f32);
+  flashtile_ref::ForwardArgs a;
+  set_inputs(a, p, q, k, v);
+  a.out = out.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  run_pass("forward", q, a);
   return {out, lse};
 }
 
@@ -183,14 +204,7 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
   at::Tensor dv = at::empty({p.batch, p.heads, p.n_k, p.head_dim}, f32);
   at::Tensor delta = at::empty({p.batch, p.heads, p.n_q}, f32);
   flashtile_ref::BackwardArgs a;
-  a.p = p;
-  a.dtype = dtype_of(q, "q");
-  a.q = q.data_ptr();
-  a.q_st = strides_of(q);
-  a.k = k.data_ptr();
-  a.k_st = strides_of(k);
-  a.v = v.data_ptr();
-  a.v_st = strides_of(v);
+  set_inputs(a, p, q, k, v);
   a.d_out = d_out.data_ptr();
   a.do_st = strides_of(d_out);
   a.out = out_c.data_ptr<float>();
@@ -199,20 +213,7 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
   a.dq = dq.data_ptr<float>();
   a.dk = dk.data_ptr<float>();
   a.dv = dv.data_ptr<float>();
-  if (q.is_cuda()) {
-#ifdef FLASHTILE_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    const cudaError_t err = flashtile_ref::backward_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
-    FT_CHECK(err == cudaSuccess, "flashtile CUDA reference backward: ", cudaGetErrorString(err));
-#endif
-  } else {
-    const char* problem;
-    {
-      pybind11::gil_scoped_release no_gil;
-      problem = flashtile_ref::backward_host(a);
-    }
-    FT_CHECK(problem == nullptr, "flashtile CUDA reference backward (host build): ", problem);
-  }
+  run_pass("backward", q, a);
   return {dq, dk, dv};
 }
 
