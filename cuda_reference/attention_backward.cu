@@ -14,11 +14,10 @@
 // copy rounded to the input dtype), so D_i carries no fp16/bf16 rounding.
 // The per-row arithmetic is in attention_reference.cuh, shared with the host build.
 #include "attention_cuda.h"
+#include "attention_warp.cuh"
 
 namespace flashtile_ref {
 namespace {
-
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // One thread per query row: D_i = rowsum(dO_i * O_i).
 template <typename T>
@@ -50,12 +49,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardArgs a) {
   float* tile_lse = tile + kTile * pitch;
   float* tile_delta = tile_lse + kTile;
 
-  const int64_t key_tiles = ceil_div(p.n_k, kRows);
-  const int64_t bh = blockIdx.x / key_tiles;
-  const int64_t k0 = (blockIdx.x % key_tiles) * kRows;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const int warp = threadIdx.x / kTile, lane = threadIdx.x % kTile;
-  const int64_t j = k0 + warp;  // this warp's key
+  // This block's (batch, head) and keys k0..k0 + kRows - 1; this warp's key j.
+  const OwnedRows own = owned_rows(p.n_k, p.heads);
+  const int64_t bh = own.bh, b = own.b, h = own.h, k0 = own.first, j = own.row;
+  const int warp = own.warp, lane = own.lane;
 
   load_tile<T>(k_rows, D, a.k, a.k_st, b, h, k0, kRows, p.n_k, D, threadIdx.x, blockDim.x);
   load_tile<T>(v_rows, D, a.v, a.v_st, b, h, k0, kRows, p.n_k, D, threadIdx.x, blockDim.x);
@@ -90,40 +87,21 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardArgs a) {
     const float dp = dot(tile + lane * pitch, v_row, D);
     const float ds = dscore(prob, dp, tile_delta[lane]);
     // Line 12: dV_j += sum_i P_ij dO_i (lane r's P broadcast to the warp).
-    for (int r = 0; r < kTile; ++r) {
-      const float w = __shfl_sync(kFullMask, prob, r);
-      for (int c = 0; c < kColsPerLane; ++c) {
-        const int d = lane + c * kTile;
-        if (d < D) dv[c] += w * tile[r * pitch + d];
-      }
-    }
+    add_weighted_rows(dv, prob, tile, pitch, D, lane);
 
     __syncthreads();  // done with dO_i
     load_tile<T>(tile, pitch, a.q, a.q_st, b, h, q0, kTile, p.n_q, D, threadIdx.x, blockDim.x);
     __syncthreads();
 
     // Line 17: dK_j += sum_i dS_ij Q_i (times the scale, applied once at the end).
-    for (int r = 0; r < kTile; ++r) {
-      const float w = __shfl_sync(kFullMask, ds, r);
-      for (int c = 0; c < kColsPerLane; ++c) {
-        const int d = lane + c * kTile;
-        if (d < D) dk[c] += w * tile[r * pitch + d];
-      }
-    }
+    add_weighted_rows(dk, ds, tile, pitch, D, lane);
   }
   if (j >= p.n_k) return;
 
   // Line 19: write dK_j = scale * sum_i dS_ij Q_i and dV_j (float32).
   const Strides st = contiguous_strides(p, p.n_k);
-  float* dk_row = a.dk + offset(st, b, h, j, 0);
-  float* dv_row = a.dv + offset(st, b, h, j, 0);
-  for (int c = 0; c < kColsPerLane; ++c) {
-    const int d = lane + c * kTile;
-    if (d < D) {
-      dk_row[d] = p.scale * dk[c];
-      dv_row[d] = dv[c];
-    }
-  }
+  store_row(a.dk + offset(st, b, h, j, 0), dk, p.scale, D, lane);
+  store_row(a.dv + offset(st, b, h, j, 0), dv, 1.0f, D, lane);
 }
 
 // Block = kRows queries, warp w owns query i = q0 + w and accumulates dQ_i over its
@@ -140,12 +118,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs a) {
   float* do_rows = q_rows + kRows * D;
   float* tile = do_rows + kRows * D;
 
-  const int64_t query_tiles = ceil_div(p.n_q, kRows);
-  const int64_t bh = blockIdx.x / query_tiles;
-  const int64_t q0 = (blockIdx.x % query_tiles) * kRows;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const int warp = threadIdx.x / kTile, lane = threadIdx.x % kTile;
-  const int64_t i = q0 + warp;  // this warp's query
+  // This block's (batch, head) and queries q0..q0 + kRows - 1; this warp's query i.
+  const OwnedRows own = owned_rows(p.n_q, p.heads);
+  const int64_t bh = own.bh, b = own.b, h = own.h, q0 = own.first, i = own.row;
+  const int warp = own.warp, lane = own.lane;
   const bool row_in_range = i < p.n_q;
 
   load_tile<T>(q_rows, D, a.q, a.q_st, b, h, q0, kRows, p.n_q, D, threadIdx.x, blockDim.x);
@@ -182,21 +158,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs a) {
     __syncthreads();
 
     // Line 15: dQ_i += sum_j dS_ij K_j (times the scale, applied once at the end).
-    for (int r = 0; r < kTile; ++r) {
-      const float w = __shfl_sync(kFullMask, ds, r);
-      for (int c = 0; c < kColsPerLane; ++c) {
-        const int d = lane + c * kTile;
-        if (d < D) dq[c] += w * tile[r * pitch + d];
-      }
-    }
+    add_weighted_rows(dq, ds, tile, pitch, D, lane);
   }
   if (!row_in_range) return;
 
-  float* dq_row = a.dq + offset(contiguous_strides(p, p.n_q), b, h, i, 0);
-  for (int c = 0; c < kColsPerLane; ++c) {
-    const int d = lane + c * kTile;
-    if (d < D) dq_row[d] = p.scale * dq[c];
-  }
+  // Line 21: write dQ_i = scale * sum_j dS_ij K_j (float32).
+  store_row(a.dq + offset(contiguous_strides(p, p.n_q), b, h, i, 0), dq, p.scale, D, lane);
 }
 
 template <typename Kernel>

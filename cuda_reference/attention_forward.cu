@@ -12,21 +12,10 @@
 //   kv_tile kTile x pitch(D)     a K tile (line 6), then the V tile of the same keys
 // K and V share one buffer, loaded one after the other, so that D = 256 fits in 41 KB.
 #include "attention_cuda.h"
+#include "attention_warp.cuh"
 
 namespace flashtile_ref {
 namespace {
-
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = kTile / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = kTile / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) {
@@ -37,14 +26,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
   float* q_rows = smem;
   float* kv_tile = smem + kRows * D;
 
-  // Which (batch, head) and which queries: blocks are numbered along one axis (grid.x),
-  // so any B * H fits.
-  const int64_t query_tiles = ceil_div(p.n_q, kRows);
-  const int64_t bh = blockIdx.x / query_tiles;
-  const int64_t q0 = (blockIdx.x % query_tiles) * kRows;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const int warp = threadIdx.x / kTile, lane = threadIdx.x % kTile;
-  const int64_t i = q0 + warp;  // this warp's query row
+  // This block's (batch, head) and queries q0..q0 + kRows - 1; this warp's query row i.
+  const OwnedRows own = owned_rows(p.n_q, p.heads);
+  const int64_t bh = own.bh, b = own.b, h = own.h, q0 = own.first, i = own.row;
+  const int warp = own.warp, lane = own.lane;
   const bool row_in_range = i < p.n_q;
 
   load_tile<T>(q_rows, D, a.q, a.q_st, b, h, q0, kRows, p.n_q, D, threadIdx.x, blockDim.x);
@@ -82,23 +67,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
     // Line 10: O~_i = diag(exp(m_old - m_new)) O~_i + P~_i V_j. Lane jj's weight is
     // broadcast to the warp; each lane updates its own columns.
     for (int c = 0; c < kColsPerLane; ++c) acc[c] *= rescale;
-    for (int jj = 0; jj < kTile; ++jj) {
-      const float w = __shfl_sync(kFullMask, weight, jj);
-      for (int c = 0; c < kColsPerLane; ++c) {
-        const int d = lane + c * kTile;
-        if (d < D) acc[c] += w * kv_tile[jj * pitch + d];
-      }
-    }
+    add_weighted_rows(acc, weight, kv_tile, pitch, D, lane);
   }
   if (!row_in_range) return;  // past the last query: nothing to write (no barrier follows)
 
   // Lines 12-13: O_i = diag(l)^-1 O~_i and L_i = m + log(l), written as float32.
-  const float factor = output_factor(l);
-  float* out_row = a.out + offset(contiguous_strides(p, p.n_q), b, h, i, 0);
-  for (int c = 0; c < kColsPerLane; ++c) {
-    const int d = lane + c * kTile;
-    if (d < D) out_row[d] = acc[c] * factor;
-  }
+  store_row(a.out + offset(contiguous_strides(p, p.n_q), b, h, i, 0), acc, output_factor(l), D, lane);
   if (lane == 0) a.lse[bh * p.n_q + i] = log_sum_exp(m, l);
 }
 
