@@ -103,6 +103,18 @@ def run_attention(fn, q, k, v, causal=False, scale=None, grad_out=None):
     return result
 
 
+def rerun_bitwise(fn, q, k, v, causal, grad_out, runs, names=("out", "lse", "dq", "dk", "dv"), label="impl"):
+    """`runs` results of run_attention(fn, ...) on the same inputs, asserting that the
+    results named in `names` are bitwise equal to the first run's in every rerun."""
+    results = [run_attention(fn, q, k, v, causal, None, grad_out)]
+    for run in range(2, runs + 1):
+        again = run_attention(fn, q, k, v, causal, None, grad_out)
+        for name in names:
+            assert torch.equal(again[name], results[0][name]), f"{label}: {name} differs on run {run}"
+        results.append(again)
+    return results
+
+
 def reference_results(q, k, v, causal=False, scale=None, grad_out=None):
     """(float64 truth, PyTorch low precision) results, each as `run_attention` returns them."""
     # float64 leaves (not low-precision leaves upcast inside the graph), so that the

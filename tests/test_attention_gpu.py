@@ -20,7 +20,7 @@ import torch
 
 import flashtile
 from flashtile.testing import (assert_matches_reference, check_attention, compare, flashtile_impl,
-                               reference_results, run_attention)
+                               reference_results, rerun_bitwise, run_attention)
 
 pytestmark = pytest.mark.gpu
 
@@ -154,24 +154,15 @@ def test_v2_backward_is_deterministic():
     """v2's backward has no atomics: 20 runs at batch 32 give the same bits."""
     B, H, n_q, n_k, D, dtype = 32, 4, 1023, 1024, 64, torch.float16  # S1
     q, k, v, d_out = make_case(B, H, n_q, n_k, D, dtype, seed=30)
-    fn = flashtile_impl("v2")
-    first = run_attention(fn, q, k, v, True, None, d_out)
-    for run in range(19):
-        again = run_attention(fn, q, k, v, True, None, d_out)
-        for name in ("out", "lse", "dq", "dk", "dv"):
-            assert torch.equal(again[name], first[name]), f"{name} differs on run {run + 2}"
+    rerun_bitwise(flashtile_impl("v2"), q, k, v, True, d_out, runs=20, label="v2")
 
 
 def test_v2_atomic_dk_dv_are_deterministic():
     """v2_atomic adds only dq with atomics; dk and dv (and the forward) repeat exactly."""
     B, H, n_q, n_k, D, dtype = 8, 2, 1024, 1024, 128, torch.float16  # S5
     q, k, v, d_out = make_case(B, H, n_q, n_k, D, dtype, seed=31)
-    fn = flashtile_impl("v2_atomic")
-    first = run_attention(fn, q, k, v, True, None, d_out)
-    for run in range(9):
-        again = run_attention(fn, q, k, v, True, None, d_out)
-        for name in ("out", "lse", "dk", "dv"):
-            assert torch.equal(again[name], first[name]), f"{name} differs on run {run + 2}"
+    rerun_bitwise(flashtile_impl("v2_atomic"), q, k, v, True, d_out, runs=10, names=("out", "lse", "dk", "dv"),
+                  label="v2_atomic")
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_grad_out, make_qkv
 from flashtile.reference import attention_reference
-from flashtile.testing import assert_matches_reference, compare_to_reference, rounding_atol, ulp
+from flashtile.testing import assert_matches_reference, compare_to_reference, rerun_bitwise, rounding_atol, ulp
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -134,3 +134,24 @@ def test_rejects_wrong_shapes_and_dtypes():
 
     assert any("dtype" in p for p in compare_to_reference(q, k, v, causal=causal, impl=float32_out).problems())
     assert any("dtype" in p for p in compare_to_reference(q, k, v, causal=causal, impl=float64_lse).problems())
+
+
+def test_rerun_bitwise_catches_a_changed_bit():
+    """rerun_bitwise (the determinism tests' helper) fails on a one-ulp change in a named
+    result, ignores it in an unnamed one, and returns every run."""
+    q = k = v = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    calls = []
+
+    def drifting(q, k, v, causal, scale):  # out gains one ulp from the second call on
+        calls.append(1)
+        out = q * 2 + k + v
+        if len(calls) > 1:
+            out = torch.nextafter(out, torch.full_like(out, math.inf))
+        return out, out.sum(-1)
+
+    steady = lambda q, k, v, causal, scale: (q + k + v, (q + k + v).sum(-1))
+    assert len(rerun_bitwise(steady, q, k, v, False, None, runs=3, names=("out", "lse"))) == 3
+    with pytest.raises(AssertionError, match="out differs on run 2"):
+        rerun_bitwise(drifting, q, k, v, False, None, runs=3, names=("out",))
+    calls.clear()
+    rerun_bitwise(drifting, q, k, v, False, None, runs=3, names=())
