@@ -9,7 +9,7 @@
 #   the PNGs, bench.log). FLASHTILE_COMMIT should name the commit (there is no .git there).
 # asv: installs the carried asv wheels (.whl/asv, `pip download` them here first) into
 #   /tmp/site, records the kernel commits from the carried bare mirror (.asv_mirror.git) into
-#   asv_bench/results/h100/, and packs that folder into $OUT/asv_results.tgz.
+#   asv_bench/results/h100/, and packs that folder into $OUT/asv_results.tgz (the log: $OUT/asv_record.log).
 # A time limit (REPORT_LIMIT, default 540 s) stops the report early enough to pack what it has:
 # bench.json is rewritten after every point.
 set -uo pipefail
@@ -36,8 +36,8 @@ case $what in
       .whl/asv/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     python3 -m asv --version
-    bash scripts/asv_record.sh --mirror .asv_mirror.git "$@"
-    status=$?
+    bash scripts/asv_record.sh --mirror .asv_mirror.git "$@" 2>&1 | tee "$OUT/asv_record.log"
+    status=${PIPESTATUS[0]}
     tar -czf "$OUT/asv_results.tgz" asv_bench/results
     exit "$status" ;;
   *) echo "unknown: $what (report or asv)" >&2; exit 2 ;;
