@@ -4,10 +4,8 @@
 // torch-free launchers of cuda_reference/ on the current CUDA stream (CUDA tensors, in a
 // build with FLASHTILE_WITH_CUDA) or runs the host build (CPU tensors, in every build).
 //
-//   forward(q, k, v, causal, scale) -> (None, "", [out, lse])   out (B, H, Nq, D), lse (B, H, Nq)
-//   backward(d_out, q, k, v, out, lse, causal, scale) -> (None, "", [dq, dk, dv])
-// or, for input the launchers cannot take or a failed launch, ("TypeError" or "RuntimeError",
-// message, []): flashtile/cuda_reference.py (call_extension) raises that error in Python.
+//   forward(q, k, v, causal, scale) -> (out, lse)            out (B, H, Nq, D), lse (B, H, Nq)
+//   backward(d_out, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
 // All outputs are float32 and contiguous; q, k, v, d_out are fp16, bf16 or fp32 (one
 // dtype) with any strides; `out` and `lse` are forward's float32 results.
 #include <torch/extension.h>
@@ -37,71 +35,51 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-// Errors are returned, not thrown. No C++ exception leaves these functions on an error:
-// on the GPU machine (Ubuntu 24.04, g++ 13, torch 2.11.0+cu130) the second exception thrown
-// out of this module in one process crashed it (segfault), whether a c10::Error for torch's
-// translator or a pybind11::error_already_set; a single throw in a fresh process did not
-// (scripts/diagnose_exceptions.py, results/h100/parity/). So every check returns an
-// ArgError, the exported functions return (type name or None, message, results), and
-// flashtile/cuda_reference.py raises the Python exception.
-struct ArgError {
-  const char* type = nullptr;  // "TypeError" or "RuntimeError"; nullptr: no error
-  std::string message;
-  explicit operator bool() const { return type != nullptr; }
-};
-
+// The bindings' own errors are Python exceptions set here: the message is built with
+// std::ostringstream, PyErr_SetString sets TypeError or RuntimeError, and
+// pybind11::error_already_set carries it out, which pybind11's dispatcher restores before any
+// exception translator runs (no c10::Error, no translator). Called with the GIL held.
+// Known problem (README): on the H100 machine a pytest worker that had run the GPU parity
+// tests segfaulted at the second error raised here in tests/test_cuda_reference.py, with
+// c10::Error (TORCH_CHECK), with this, and with errors returned instead of thrown (ccc970a,
+// reverted); a fresh process raises them cleanly (scripts/diagnose_exceptions.py). Not
+// understood yet.
 template <typename... Parts>
-ArgError arg_error(const char* type, const Parts&... parts) {
+[[noreturn]] void raise_error(PyObject* type, const Parts&... parts) {
   std::ostringstream message;
   (message << ... << parts);
-  return ArgError{type, message.str()};
+  PyErr_SetString(type, message.str().c_str());
+  throw pybind11::error_already_set();
 }
 
-// In a function returning ArgError: return the error unless `cond` holds.
-#define FT_CHECK(cond, ...)                                               \
-  do {                                                                    \
-    if (!(cond)) return arg_error("RuntimeError", __VA_ARGS__);           \
+#define FT_CHECK(cond, ...)                                          \
+  do {                                                               \
+    if (!(cond)) raise_error(PyExc_RuntimeError, __VA_ARGS__);       \
   } while (0)
-#define FT_CHECK_TYPE(cond, ...)                                          \
-  do {                                                                    \
-    if (!(cond)) return arg_error("TypeError", __VA_ARGS__);              \
-  } while (0)
-// In a function returning ArgError: return the error of `expr`, if any.
-#define FT_TRY(expr)                                                      \
-  do {                                                                    \
-    if (ArgError error_ = (expr)) return error_;                          \
+#define FT_CHECK_TYPE(cond, ...)                                     \
+  do {                                                               \
+    if (!(cond)) raise_error(PyExc_TypeError, __VA_ARGS__);          \
   } while (0)
 
-// What the exported functions return to Python.
-pybind11::tuple result(const ArgError& error, const std::vector<at::Tensor>& tensors = {}) {
-  if (error) return pybind11::make_tuple(error.type, error.message, std::vector<at::Tensor>{});
-  return pybind11::make_tuple(pybind11::none(), "", tensors);
-}
-
-ArgError check_dtype(const at::Tensor& t, const char* name) {
-  const auto type = t.scalar_type();
-  FT_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name, " has dtype ", type,
-                "; the CUDA reference supports float16, bfloat16 and float32");
-  return {};
-}
-
-// The storage type of a tensor that passed check_dtype.
-DType dtype_of(const at::Tensor& t) {
+DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
+    default:
+      FT_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
+                       "; the CUDA reference supports float16, bfloat16 and float32");
   }
+  return DType::kFloat32;  // unreachable
 }
 
 Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-ArgError check_4d(const at::Tensor& t, const char* name) {
+void check_4d(const at::Tensor& t, const char* name) {
   FT_CHECK(t.dim() == 4, name, " must be 4-D (batch, heads, seq, head_dim), got ", t.sizes());
-  return {};
 }
 
-ArgError check_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
+void check_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
   FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
   if (t.is_cuda()) {
     FT_CHECK(kWithCuda,
@@ -110,22 +88,20 @@ ArgError check_device(const at::Tensor& t, const at::Tensor& q, const char* name
   } else {
     FT_CHECK(t.is_cpu(), name, " is on ", t.device(), "; the CUDA reference runs on CUDA or CPU tensors");
   }
-  return {};
 }
 
-// Checks q, k, v and sets *p to their problem (B, H, Nq, Nk, D).
-ArgError check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
-                   Problem* p) {
-  FT_TRY(check_4d(q, "q"));
-  FT_TRY(check_4d(k, "k"));
-  FT_TRY(check_4d(v, "v"));
-  FT_TRY(check_dtype(q, "q"));
+// The problem (B, H, Nq, Nk, D) of q, k, v, checked.
+Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
+  check_4d(q, "q");
+  check_4d(k, "k");
+  check_4d(v, "v");
+  dtype_of(q, "q");  // raises TypeError for an unsupported dtype
   FT_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                    v.scalar_type());
-  FT_TRY(check_device(q, q, "q"));
-  FT_TRY(check_device(k, q, "k"));
-  FT_TRY(check_device(v, q, "v"));
+  check_device(q, q, "q");
+  check_device(k, q, "k");
+  check_device(v, q, "v");
   FT_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q ", q.size(0), ", k ",
               k.size(0), ", v ", v.size(0));
   FT_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "head counts differ: q ", q.size(1), ", k ",
@@ -137,29 +113,29 @@ ArgError check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   FT_CHECK(q.size(3) >= 1 && q.size(3) <= flashtile_ref::kMaxHeadDim, "head_dim must be in 1..",
               flashtile_ref::kMaxHeadDim, ", got ", q.size(3));
   FT_CHECK(std::isfinite(scale) && scale > 0, "scale must be finite and positive, got ", scale);
-  p->batch = q.size(0);
-  p->heads = q.size(1);
-  p->n_q = q.size(2);
-  p->n_k = k.size(2);
-  p->head_dim = int(q.size(3));
-  p->scale = float(scale);
-  p->causal = causal;
-  return {};
+  Problem p;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.n_q = q.size(2);
+  p.n_k = k.size(2);
+  p.head_dim = int(q.size(3));
+  p.scale = float(scale);
+  p.causal = causal;
+  return p;
 }
 
-ArgError check_float32(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& q) {
+void check_float32(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& q) {
   FT_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32 (the forward's), got ",
                    t.scalar_type());
   FT_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
   FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
-  return {};
 }
 
 // The fields ForwardArgs and BackwardArgs share: problem, dtype, q, k, v and their strides.
 template <typename Args>
 void set_inputs(Args& a, const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   a.p = p;
-  a.dtype = dtype_of(q);
+  a.dtype = dtype_of(q, "q");
   a.q = q.data_ptr();
   a.q_st = strides_of(q);
   a.k = k.data_ptr();
@@ -180,14 +156,14 @@ cudaError_t run_cuda(const flashtile_ref::BackwardArgs& a, cudaStream_t s) { ret
 // in a build with FLASHTILE_WITH_CUDA: check_device refuses CUDA tensors otherwise), else the
 // host build with the GIL released. `what` names the pass in the error message.
 template <typename Args>
-ArgError run_pass(const char* what, const at::Tensor& q, const Args& a) {
+void run_pass(const char* what, const at::Tensor& q, const Args& a) {
   if (q.is_cuda()) {
 #ifdef FLASHTILE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaError_t err = run_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
     FT_CHECK(err == cudaSuccess, "flashtile CUDA reference ", what, ": ", cudaGetErrorString(err));
 #endif
-    return {};
+    return;
   }
   const char* problem;
   {
@@ -195,12 +171,11 @@ ArgError run_pass(const char* what, const at::Tensor& q, const Args& a) {
     problem = run_host(a);
   }
   FT_CHECK(problem == nullptr, "flashtile CUDA reference ", what, " (host build): ", problem);
-  return {};
 }
 
-pybind11::tuple forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
-  Problem p;
-  if (ArgError error = check_qkv(q, k, v, causal, scale, &p)) return result(error);
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                double scale) {
+  const Problem p = check_qkv(q, k, v, causal, scale);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.head_dim}, f32);
   at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, f32);
@@ -208,27 +183,21 @@ pybind11::tuple forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   set_inputs(a, p, q, k, v);
   a.out = out.data_ptr<float>();
   a.lse = lse.data_ptr<float>();
-  return result(run_pass("forward", q, a), {out, lse});
+  run_pass("forward", q, a);
+  return {out, lse};
 }
 
-// Checks backward's arguments beyond q, k, v.
-ArgError check_backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
-                        const Problem& p) {
-  FT_TRY(check_4d(d_out, "d_out"));
+std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                 double scale) {
+  const Problem p = check_qkv(q, k, v, causal, scale);
+  check_4d(d_out, "d_out");
   FT_CHECK_TYPE(d_out.scalar_type() == q.scalar_type(), "d_out has dtype ", d_out.scalar_type(),
-                ", expected q's ", q.scalar_type());
+                   ", expected q's ", q.scalar_type());
   FT_CHECK(d_out.sizes() == q.sizes(), "d_out has shape ", d_out.sizes(), ", expected q's ", q.sizes());
-  FT_TRY(check_device(d_out, q, "d_out"));
-  FT_TRY(check_float32(out, "out", q.sizes(), q));
-  FT_TRY(check_float32(lse, "lse", {p.batch, p.heads, p.n_q}, q));
-  return {};
-}
-
-pybind11::tuple backward(const at::Tensor& d_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
-  Problem p;
-  if (ArgError error = check_qkv(q, k, v, causal, scale, &p)) return result(error);
-  if (ArgError error = check_backward(d_out, q, out, lse, p)) return result(error);
+  check_device(d_out, q, "d_out");
+  check_float32(out, "out", q.sizes(), q);
+  check_float32(lse, "lse", {p.batch, p.heads, p.n_q}, q);
   // The kernels read out and lse as contiguous float32 (as forward returns them).
   const at::Tensor out_c = out.contiguous(), lse_c = lse.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
@@ -246,19 +215,19 @@ pybind11::tuple backward(const at::Tensor& d_out, const at::Tensor& q, const at:
   a.dq = dq.data_ptr<float>();
   a.dk = dk.data_ptr<float>();
   a.dv = dv.data_ptr<float>();
-  return result(run_pass("backward", q, a), {dq, dk, dv});
+  run_pass("backward", q, a);
+  return {dq, dk, dv};
 }
 
 // The storage conversion both builds use (flashtile_ref::to_float), on a CPU tensor, for
 // the tests: they compare it with torch's over every fp16 and bf16 bit pattern.
-pybind11::tuple storage_to_float(const at::Tensor& x) {
-  if (!x.is_cpu()) return result(arg_error("RuntimeError", "storage_to_float takes a CPU tensor"));
-  if (ArgError error = check_dtype(x, "x")) return result(error);
+at::Tensor storage_to_float(const at::Tensor& x) {
+  FT_CHECK(x.is_cpu(), "storage_to_float takes a CPU tensor");
   const at::Tensor c = x.contiguous();
-  at::Tensor converted = at::empty(c.sizes(), c.options().dtype(at::kFloat));
-  float* dst = converted.data_ptr<float>();
+  at::Tensor result = at::empty(c.sizes(), c.options().dtype(at::kFloat));
+  float* dst = result.data_ptr<float>();
   const int64_t n = c.numel();
-  switch (dtype_of(c)) {
+  switch (dtype_of(c, "x")) {
     case DType::kFloat32:
       for (int64_t e = 0; e < n; ++e) dst[e] = flashtile_ref::load<float>(c.data_ptr(), e);
       break;
@@ -269,20 +238,19 @@ pybind11::tuple storage_to_float(const at::Tensor& x) {
       for (int64_t e = 0; e < n; ++e) dst[e] = flashtile_ref::load<flashtile_ref::BFloat16>(c.data_ptr(), e);
       break;
   }
-  return result({}, {converted});
+  return result;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashtile's CUDA reference attention (forward and backward, float32 outputs)";
-  // Each returns (None, "", results) or (error type name, message, []).
-  m.def("forward", &forward, "[out, lse] of softmax(scale q k^T) v, float32", pybind11::arg("q"),
+  m.def("forward", &forward, "(out, lse) of softmax(scale q k^T) v, float32", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"), pybind11::arg("scale"));
-  m.def("backward", &backward, "[dq, dk, dv], float32", pybind11::arg("d_out"), pybind11::arg("q"),
+  m.def("backward", &backward, "(dq, dk, dv), float32", pybind11::arg("d_out"), pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
         pybind11::arg("causal"), pybind11::arg("scale"));
-  m.def("storage_to_float", &storage_to_float, "[x as float32] by the reference's own fp16/bf16/fp32 conversion");
+  m.def("storage_to_float", &storage_to_float, "the reference's own fp16/bf16/fp32 -> float32 conversion");
   m.attr("with_cuda") = kWithCuda;
   m.attr("max_head_dim") = flashtile_ref::kMaxHeadDim;
 }

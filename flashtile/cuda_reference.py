@@ -61,29 +61,18 @@ def _check_device(q):
             "build: torch without CUDA or no nvcc at install time); it runs on CPU tensors only")
 
 
-_EXTENSION_ERRORS = {"TypeError": TypeError, "RuntimeError": RuntimeError}
-
-
-def call_extension(name, *args):
-    """The results (a tuple of tensors) of the extension's function `name`, or the error it
-    reports raised here. The extension returns (error type name or None, message, results)
-    instead of throwing C++ exceptions (bindings/attention_bindings.cpp says why)."""
-    error, message, results = getattr(extension(), name)(*args)
-    if error is not None:
-        raise _EXTENSION_ERRORS[error](message)
-    return tuple(results)
-
-
 def forward_float32(q, k, v, causal, scale):
     """(out, lse), both float32, of the reference; inputs as the bindings check them."""
+    module = extension()
     _check_device(q)
-    return call_extension("forward", q, k, v, causal, float(scale))
+    return tuple(module.forward(q, k, v, causal, float(scale)))
 
 
 def backward_float32(d_out, q, k, v, out, lse, causal, scale):
     """(dq, dk, dv) float32; `out` and `lse` are forward_float32's (out unrounded)."""
+    module = extension()
     _check_device(q)
-    return call_extension("backward", d_out, q, k, v, out, lse, causal, float(scale))
+    return tuple(module.backward(d_out, q, k, v, out, lse, causal, float(scale)))
 
 
 class CudaReferenceAttentionFunction(torch.autograd.Function):

@@ -5,7 +5,10 @@ builds a minimal torch extension (torch.utils.cpp_extension.load_inline, CPU onl
 functions raise in four ways, and calls each twice in one child process: fresh, after CUDA
 initialisation, and after a Triton kernel ran, under a SIGSEGV / SIGABRT handler
 (LD_PRELOAD) that prints the native backtrace. Last, the exception symbols of flashtile's
-extension. Usage: python scripts/diagnose_exceptions.py (results/h100/parity/ has its H100 log)
+extension. With --pytest, last the crash itself: pytest (one process, no xdist) on
+tests/test_cuda_reference.py alone, then after tests/test_parity.py, under that handler, with
+addr2line on the frames. Usage: python scripts/diagnose_exceptions.py [--pytest]
+(results/h100/parity/ has its H100 logs)
 """
 import glob
 import os
@@ -110,3 +113,20 @@ for where, prologue in settings.items():
 for so in ext:
     print("== exception symbols of", os.path.basename(so))
     print(sh(f"nm -D {so} | grep -E ' (__cxa_(throw|begin_catch|end_catch|get_globals|allocate_exception)|_Unwind_RaiseException)$'"))
+
+if "--pytest" in sys.argv:
+    def native_frames(out):
+        for so, offset in re.findall(r"(/\S+\.so[.\d]*)\(\+(0x[0-9a-f]+)\)", out)[:16]:
+            print("   ", so.split("/")[-1], offset, sh(f"addr2line -f -C -e {so} {offset} | head -1"))
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for files in (["tests/test_cuda_reference.py"], ["tests/test_parity.py", "tests/test_cuda_reference.py"]):
+        print("== pytest", *files, "(one process, SIGSEGV handler)")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:faulthandler", "-p", "no:xdist",
+                               "-p", "no:benchmark", *files], cwd=repo, capture_output=True, text=True, timeout=900,
+                              env=dict(os.environ, LD_PRELOAD=f"{build}/segv_bt.so"))
+        out = proc.stdout + proc.stderr
+        print("rc", proc.returncode, out.strip().splitlines()[-1] if out.strip() else "")
+        if proc.returncode not in (0, 1):
+            print(out[-4000:])
+            native_frames(out)

@@ -16,8 +16,7 @@ import torch
 import flashtile
 from conftest import make_grad_out, make_qkv
 from flashtile import cuda_reference
-from flashtile.cuda_reference import (CudaReferenceAttentionFunction, call_extension, float32_results,
-                                      reference_problems)
+from flashtile.cuda_reference import (CudaReferenceAttentionFunction, float32_results, reference_problems)
 from flashtile.testing import reference_results, run_attention
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,15 +67,16 @@ def test_the_gpu_build_has_the_cuda_kernels():
 def test_storage_conversion_is_exact():
     """The reference's own fp16 / bf16 -> float32 conversion (shared by both builds) equals
     torch's on every one of the 65536 bit patterns, NaNs included."""
+    ext = cuda_reference.extension()
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     for dtype in (torch.float16, torch.bfloat16):
         x = bits.view(dtype)
-        (ours,), torchs = call_extension("storage_to_float", x), x.float()
+        ours, torchs = ext.storage_to_float(x), x.float()
         nan = torch.isnan(torchs)
         assert torch.equal(torch.isnan(ours), nan)
         assert torch.equal(ours[~nan].view(torch.int32), torchs[~nan].view(torch.int32)), dtype
     x = torch.cat([torch.randn(1000), torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40])])
-    assert torch.equal(call_extension("storage_to_float", x)[0].view(torch.int32), x.view(torch.int32))
+    assert torch.equal(ext.storage_to_float(x).view(torch.int32), x.view(torch.int32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,14 +140,15 @@ def test_rows_that_see_no_key(dtype):
 def test_zero_length_keys_and_empty_batches_in_the_bindings():
     """The launchers themselves (not only flashtile.attention) handle Nk = 0 (O = 0,
     lse = -inf, zero gradients) and B * H = 0 (nothing to do)."""
+    ext = cuda_reference.extension()
     q = torch.randn(2, 3, 5, 8)
     k = v = torch.randn(2, 3, 0, 8)
-    out, lse = call_extension("forward", q, k, v, False, 0.5)
+    out, lse = ext.forward(q, k, v, False, 0.5)
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
-    dq, dk, dv = call_extension("backward", torch.randn_like(q), q, k, v, out, lse, False, 0.5)
+    dq, dk, dv = ext.backward(torch.randn_like(q), q, k, v, out, lse, False, 0.5)
     assert torch.all(dq == 0) and dk.shape == k.shape and dv.shape == v.shape
     empty = torch.randn(0, 3, 5, 8)
-    out, lse = call_extension("forward", empty, empty, empty, True, 0.5)
+    out, lse = ext.forward(empty, empty, empty, True, 0.5)
     assert out.shape == (0, 3, 5, 8) and lse.shape == (0, 3, 5)
 
 
@@ -231,50 +232,49 @@ def test_head_dim_above_256():
 
 def test_the_bindings_check_too():
     """Called directly, the bindings refuse what the launchers cannot take."""
+    ext = cuda_reference.extension()
     q = torch.randn(1, 2, 5, 8)
     with pytest.raises(TypeError, match=r"dtype"):
-        call_extension("forward", q.double(), q.double(), q.double(), False, 0.5)
+        ext.forward(q.double(), q.double(), q.double(), False, 0.5)
     with pytest.raises(RuntimeError, match=r"head_dim"):
-        call_extension("forward", q, q, q[..., :4], False, 0.5)
+        ext.forward(q, q, q[..., :4], False, 0.5)
     with pytest.raises(RuntimeError, match=r"head_dim must be in 1..256"):
         z = torch.zeros(1, 1, 2, 300)
-        call_extension("forward", z, z, z, False, 0.5)
+        ext.forward(z, z, z, False, 0.5)
     with pytest.raises(RuntimeError, match=r"scale"):
-        call_extension("forward", q, q, q, False, float("nan"))
+        ext.forward(q, q, q, False, float("nan"))
     with pytest.raises(RuntimeError, match=r"4-D"):
-        call_extension("forward", q[0], q, q, False, 0.5)
-    out, lse = call_extension("forward", q, q, q, False, 0.5)
+        ext.forward(q[0], q, q, False, 0.5)
+    out, lse = ext.forward(q, q, q, False, 0.5)
     with pytest.raises(TypeError, match=r"\bout\b.*float32"):
-        call_extension("backward", q, q, q, q, out.half(), lse, False, 0.5)
+        ext.backward(q, q, q, q, out.half(), lse, False, 0.5)
     with pytest.raises(RuntimeError, match=r"\blse\b.*shape"):
-        call_extension("backward", q, q, q, q, out, lse[:, :1], False, 0.5)
-    with pytest.raises(TypeError, match=r"\bx\b has dtype"):
-        call_extension("storage_to_float", q.int())
-    # What the extension itself returns for an error: no exception, a tuple.
-    assert cuda_reference.extension().forward(q.double(), q, q, False, 0.5)[:2] == (
-        "TypeError", "q has dtype Double; the CUDA reference supports float16, bfloat16 and float32")
+        ext.backward(q, q, q, q, out, lse[:, :1], False, 0.5)
 
 
 def test_many_bindings_errors_in_one_process():
-    """The bindings report errors by returning them, so any number of them in one process
-    is harmless. (When they threw C++ exceptions, the second one in a process crashed it on
-    the GPU machine.) In a child process, so that a crash fails this test instead of
-    killing pytest; on a CUDA machine it runs a Triton kernel first, as the test suite does."""
+    """Twelve argument errors raised by the bindings in one process, each a Python exception
+    (no c10::Error: with TORCH_SHOW_CPP_STACKTRACES=1 one would carry its C++ backtrace). In
+    a child process, so that a crash fails this test instead of killing pytest; on a CUDA
+    machine it runs a Triton kernel and the CUDA reference first."""
+    import os
     import subprocess
 
     cuda_reference.extension()  # a clear failure here if the extension is not built
-    code = ("import torch, flashtile\nfrom flashtile.cuda_reference import call_extension\n"
+    code = ("import torch, flashtile\nfrom flashtile import cuda_reference\next = cuda_reference.extension()\n"
             "if torch.cuda.is_available():\n"
             "    x = torch.randn(1, 2, 64, 64, device='cuda', dtype=torch.float16)\n"
-            "    flashtile.attention(x, x, x, impl='v2')\n"
-            "q = torch.randn(1, 2, 5, 8)\nraised = 0\n"
+            "    flashtile.attention(x, x, x, impl='v2'), flashtile.attention(x, x, x, impl='cuda')\n"
+            "q = torch.randn(1, 2, 5, 8)\nmessages = []\n"
             "for bad in [(q.double(), q, q), (q, q, q[..., :4]), (q[0], q, q)] * 4:\n"
-            "    try:\n        call_extension('forward', *bad, False, 0.5)\n"
-            "    except (TypeError, RuntimeError):\n        raised += 1\n"
-            "print('raised', raised)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            "    try:\n        ext.forward(*bad, False, 0.5)\n"
+            "    except (TypeError, RuntimeError) as e:\n        messages.append(str(e))\n"
+            "print(len(messages), 'raised; first:', repr(messages[0]))\n")
+    env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
-    assert "raised 12" in proc.stdout, proc.stdout
+    assert "12 raised; first: 'q has dtype Double;" in proc.stdout, proc.stdout
+    assert "Exception raised from" not in proc.stdout, proc.stdout
 
 
 def test_not_built_raises_a_clear_error(monkeypatch):
