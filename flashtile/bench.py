@@ -554,6 +554,8 @@ def report_markdown(results, env):
     lines = [f"## flashtile.bench on {where}",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit'][:10]}, "
              f"{env['date']}"]
+    if on_gpu and env.get("note"):  # e.g. rows merged from a later run (the CPU note is printed apart)
+        lines.append(env["note"])
     speed, memory, stability = results["speed"], results["memory"], results["stability"]
     if speed:
         r = speed[0]

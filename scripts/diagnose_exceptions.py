@@ -45,6 +45,9 @@ print("== toolchain")
 print(sh("grep PRETTY_NAME /etc/os-release"))
 print(sh("c++ --version | head -1"), "|", sh("ld --version | head -1"))
 print("python", sys.version.split()[0], sys.executable)
+print({name: os.environ[name] for name in ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS", "LDSHARED", "LD_PRELOAD")
+       if name in os.environ})
+print("libstdc++ a static archive:", sh("c++ -print-file-name=libstdc++.a"), "| shared:", sh("c++ -print-file-name=libstdc++.so"))
 print("torch", torch.__version__, "cxx11 abi", torch._C._GLIBCXX_USE_CXX11_ABI,
       "pybind11 abi", getattr(torch._C, "_PYBIND11_BUILD_ABI", "?"),
       getattr(torch._C, "_PYBIND11_COMPILER_TYPE", "?"), getattr(torch._C, "_PYBIND11_STDLIB", "?"))
