@@ -10,7 +10,9 @@
 // dtype) with any strides; `out` and `lse` are forward's float32 results.
 #include <torch/extension.h>
 
-#include <sstream>
+#include <cstdio>
+#include <string>
+#include <type_traits>
 
 #include "../cuda_reference/attention_reference.cuh"
 
@@ -35,20 +37,40 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-// The bindings' own errors are Python exceptions set here: the message is built with
-// std::ostringstream, PyErr_SetString sets TypeError or RuntimeError, and
-// pybind11::error_already_set carries it out, which pybind11's dispatcher restores before any
-// exception translator runs (no c10::Error, no translator). Called with the GIL held.
-// Known problem (README): on the H100 machine a pytest worker that had run the GPU parity
-// tests segfaulted at the second error raised here in tests/test_cuda_reference.py, with
-// c10::Error (TORCH_CHECK), with this, and with errors returned instead of thrown (ccc970a,
-// reverted); a fresh process raises them cleanly (scripts/diagnose_exceptions.py). Not
-// understood yet.
+// Error messages are built without iostreams: append() below writes each part with
+// std::to_string, snprintf or torch's own string functions. Where the extension ends up
+// with its own static copy of libstdc++ beside the process's shared one (the GPU machine's
+// build: `nm -D` shows it defining __cxa_throw, and it does not NEED libstdc++.so), a
+// std::ostringstream in this module cannot format numbers: the num_put facet it looks up
+// belongs to the other copy's locale. Built here with -static-libstdc++, that cut a message
+// off at its first number (tests/test_cuda_reference.py checks it); on the GPU machine the
+// pytest process segfaulted at the first message with a number, twice: the likely cause,
+// not yet confirmed there. TORCH_CHECK formats with an ostringstream in this module too, so
+// it is not used.
+void append(std::string& message, const char* text) { message += text; }
+void append(std::string& message, double x) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", x);
+  message += text;
+}
+template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
+void append(std::string& message, Int x) { message += std::to_string(x); }
+void append(std::string& message, at::ScalarType type) { message += c10::toString(type); }
+void append(std::string& message, const c10::Device& device) { message += device.str(); }
+void append(std::string& message, at::IntArrayRef sizes) {
+  message += "[";
+  for (size_t i = 0; i < sizes.size(); ++i) message += (i ? ", " : "") + std::to_string(sizes[i]);
+  message += "]";
+}
+
+// The bindings' own errors are Python exceptions set here: PyErr_SetString sets TypeError or
+// RuntimeError, and pybind11::error_already_set carries it out, which pybind11's dispatcher
+// restores before any exception translator runs. Called with the GIL held.
 template <typename... Parts>
 [[noreturn]] void raise_error(PyObject* type, const Parts&... parts) {
-  std::ostringstream message;
-  (message << ... << parts);
-  PyErr_SetString(type, message.str().c_str());
+  std::string message;
+  (append(message, parts), ...);
+  PyErr_SetString(type, message.c_str());
   throw pybind11::error_already_set();
 }
 

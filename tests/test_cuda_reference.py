@@ -8,6 +8,7 @@ REFERENCE_RTOL = 2e-5 of max|f64| elementwise, the fp16/bf16 results in addition
 an ulp (the final rounding), lse within 1e-5 + 2e-6 |lse|, -inf exactly where no key is seen.
 """
 import math
+import os
 import sys
 
 import pytest
@@ -230,26 +231,60 @@ def test_head_dim_above_256():
         flashtile.attention(q, q, q, impl="cuda")
 
 
+# (call, error type, the whole message): the messages carry numbers, which the bindings format
+# without iostreams (see test_bindings_messages_with_a_static_libstdcxx).
+BINDINGS_ERRORS = [
+    ("forward", "q.double(), q.double(), q.double(), False, 0.5", TypeError,
+     "q has dtype Double; the CUDA reference supports float16, bfloat16 and float32"),
+    ("forward", "q, q, q[..., :4], False, 0.5", RuntimeError, "head_dim differs: q 8, k 8, v 4"),
+    ("forward", "z, z, z, False, 0.5", RuntimeError, "head_dim must be in 1..256, got 300"),
+    ("forward", "q, q, q, False, float('nan')", RuntimeError, "scale must be finite and positive, got nan"),
+    ("forward", "q[0], q, q, False, 0.5", RuntimeError, "q must be 4-D (batch, heads, seq, head_dim), got [2, 5, 8]"),
+    ("backward", "q, q, q, q, out.half(), lse, False, 0.5", TypeError,
+     "out must be float32 (the forward's), got Half"),
+    ("backward", "q, q, q, q, out, lse[:, :1], False, 0.5", RuntimeError,
+     "lse has shape [1, 1, 5], expected [1, 2, 5]"),
+]
+BINDINGS_SETUP = "q = torch.randn(1, 2, 5, 8)\nz = torch.zeros(1, 1, 2, 300)\nout, lse = ext.forward(q, q, q, False, 0.5)\n"
+
+
 def test_the_bindings_check_too():
-    """Called directly, the bindings refuse what the launchers cannot take."""
+    """Called directly, the bindings refuse what the launchers cannot take, with the whole
+    message (its numbers included)."""
     ext = cuda_reference.extension()
-    q = torch.randn(1, 2, 5, 8)
-    with pytest.raises(TypeError, match=r"dtype"):
-        ext.forward(q.double(), q.double(), q.double(), False, 0.5)
-    with pytest.raises(RuntimeError, match=r"head_dim"):
-        ext.forward(q, q, q[..., :4], False, 0.5)
-    with pytest.raises(RuntimeError, match=r"head_dim must be in 1..256"):
-        z = torch.zeros(1, 1, 2, 300)
-        ext.forward(z, z, z, False, 0.5)
-    with pytest.raises(RuntimeError, match=r"scale"):
-        ext.forward(q, q, q, False, float("nan"))
-    with pytest.raises(RuntimeError, match=r"4-D"):
-        ext.forward(q[0], q, q, False, 0.5)
-    out, lse = ext.forward(q, q, q, False, 0.5)
-    with pytest.raises(TypeError, match=r"\bout\b.*float32"):
-        ext.backward(q, q, q, q, out.half(), lse, False, 0.5)
-    with pytest.raises(RuntimeError, match=r"\blse\b.*shape"):
-        ext.backward(q, q, q, q, out, lse[:, :1], False, 0.5)
+    scope = {"ext": ext, "torch": torch}
+    exec(BINDINGS_SETUP, scope)
+    for function, args, error, message in BINDINGS_ERRORS:
+        with pytest.raises(error) as caught:
+            eval(f"ext.{function}({args})", scope)
+        assert str(caught.value) == message, (function, args)
+
+
+def test_bindings_messages_with_a_static_libstdcxx(tmp_path):
+    """The host build of the bindings linked with -static-libstdc++ (as the GPU machine's
+    build ended up: its own copy of libstdc++'s runtime beside the process's shared one)
+    still writes whole messages. A std::ostringstream there cannot format numbers (the
+    message stopped at its first number here; the GPU machine's process crashed). Built
+    with torch.utils.cpp_extension.load, checked in a child process."""
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("torch.utils.cpp_extension.load needs ninja")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = [os.path.join(root, "bindings", "attention_bindings.cpp"),
+               os.path.join(root, "cuda_reference", "attention_host.cpp")]
+    checks = "".join(
+        f"try:\n    ext.{function}({args})\nexcept Exception as e:\n    print(type(e).__name__ + ': ' + str(e))\n"
+        for function, args, _, _ in BINDINGS_ERRORS)
+    code = ("import sys, torch\nfrom torch.utils import cpp_extension\n"
+            f"ext = cpp_extension.load('ft_static_libstdcxx', {sources!r}, extra_cflags=['-O1'], "
+            f"extra_ldflags=['-static-libstdc++'], build_directory={str(tmp_path)!r})\n" + BINDINGS_SETUP + checks)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    expected = [f"{error.__name__}: {message}" for _, _, error, message in BINDINGS_ERRORS]
+    assert proc.stdout.splitlines() == expected
 
 
 def test_many_bindings_errors_in_one_process():
