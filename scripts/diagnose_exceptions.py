@@ -1,4 +1,5 @@
-"""Why does a C++ exception raised in flashtile's extension crash Python on one machine?
+"""Diagnostics for the bindings' crash on the H100 (README, Known problems: the likely cause is
+libstdc++'s runtime linked into the extension, where an ostringstream cannot format numbers).
 
 Prints the toolchain facts that decide C++ exception handling in a torch extension, then
 builds a minimal torch extension (torch.utils.cpp_extension.load_inline, CPU only) whose
