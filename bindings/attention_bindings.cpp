@@ -44,9 +44,9 @@ constexpr bool kWithCuda = false;
 // std::ostringstream in this module cannot format numbers: the num_put facet it looks up
 // belongs to the other copy's locale. Built here with -static-libstdc++, that cut a message
 // off at its first number (tests/test_cuda_reference.py checks it); on the GPU machine the
-// pytest process segfaulted at the first message with a number, twice: the likely cause,
-// not yet confirmed there. TORCH_CHECK formats with an ostringstream in this module too, so
-// it is not used.
+// pytest process segfaulted at the first message with a number in three runs, and with
+// these messages the same tests pass there. TORCH_CHECK formats with an ostringstream in
+// this module too, so it is not used.
 void append(std::string& message, const char* text) { message += text; }
 void append(std::string& message, double x) {
   char text[32];
