@@ -134,8 +134,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs a) {
   float dq[kColsPerLane];
   for (int c = 0; c < kColsPerLane; ++c) dq[c] = 0.0f;
 
-  const int64_t last_query = (q0 + kRows < p.n_q ? q0 + kRows : p.n_q) - 1;
-  const int64_t end = key_end(last_query, p);
+  const int64_t end = block_key_end(q0, p);
   for (int64_t k0 = 0; k0 < end; k0 += kTile) {
     __syncthreads();  // the previous K tile is used up (and q_rows, do_rows are written)
     load_tile<T>(tile, pitch, a.k, a.k_st, b, h, k0, kTile, p.n_k, D, threadIdx.x, blockDim.x);
@@ -197,12 +196,9 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
 
 cudaError_t backward_cuda(const BackwardArgs& args, cudaStream_t stream) {
   if (check_problem(args.p) != nullptr) return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_backward<float>(args, stream);
-    case DType::kFloat16: return launch_backward<Half>(args, stream);
-    case DType::kBFloat16: return launch_backward<BFloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.dtype, cudaErrorInvalidValue, [&](auto type) {
+    return launch_backward<typename decltype(type)::type>(args, stream);
+  });
 }
 
 }  // namespace flashtile_ref

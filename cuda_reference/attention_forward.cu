@@ -43,8 +43,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
 
   // Keys past `end` are masked for every query of the block (causal); the bound is the
   // same for all threads, so the __syncthreads() below are reached by all.
-  const int64_t last_query = (q0 + kRows < p.n_q ? q0 + kRows : p.n_q) - 1;
-  const int64_t end = key_end(last_query, p);
+  const int64_t end = block_key_end(q0, p);
   for (int64_t k0 = 0; k0 < end; k0 += kTile) {  // Alg. 1 line 6: for j = 1..T_c
     __syncthreads();  // every warp is done with the previous V tile (and q_rows is written)
     load_tile<T>(kv_tile, pitch, a.k, a.k_st, b, h, k0, kTile, p.n_k, D, threadIdx.x, blockDim.x);
@@ -94,12 +93,9 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
 
 cudaError_t forward_cuda(const ForwardArgs& args, cudaStream_t stream) {
   if (check_problem(args.p) != nullptr) return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_forward<float>(args, stream);
-    case DType::kFloat16: return launch_forward<Half>(args, stream);
-    case DType::kBFloat16: return launch_forward<BFloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.dtype, cudaErrorInvalidValue, [&](auto type) {
+    return launch_forward<typename decltype(type)::type>(args, stream);
+  });
 }
 
 }  // namespace flashtile_ref

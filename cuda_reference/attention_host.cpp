@@ -28,7 +28,7 @@ void forward_head(const ForwardArgs& a, int64_t b, int64_t h) {
     load_tile<T>(q_rows.data(), D, a.q, a.q_st, b, h, q0, kRows, p.n_q, D, 0, 1);
     for (int r = 0; r < kRows; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }  // Alg. 1 line 5
     for (float& x : acc) x = 0.0f;
-    const int64_t end = key_end((q0 + kRows < p.n_q ? q0 + kRows : p.n_q) - 1, p);
+    const int64_t end = block_key_end(q0, p);
     for (int64_t k0 = 0; k0 < end; k0 += kTile) {  // line 6
       load_tile<T>(kv_tile.data(), pitch, a.k, a.k_st, b, h, k0, kTile, p.n_k, D, 0, 1);
       float rescale[kRows];
@@ -127,7 +127,7 @@ void backward_head(const BackwardArgs& a, int64_t b, int64_t h) {
     load_tile<T>(rows_a.data(), D, a.q, a.q_st, b, h, q0, kRows, p.n_q, D, 0, 1);
     load_tile<T>(rows_b.data(), D, a.d_out, a.do_st, b, h, q0, kRows, p.n_q, D, 0, 1);
     for (float& x : grad_a) x = 0.0f;  // dQ_i
-    const int64_t end = key_end((q0 + kRows < p.n_q ? q0 + kRows : p.n_q) - 1, p);
+    const int64_t end = block_key_end(q0, p);
     for (int64_t k0 = 0; k0 < end; k0 += kTile) {
       load_tile<T>(tile.data(), pitch, a.k, a.k_st, b, h, k0, kTile, p.n_k, D, 0, 1);
       for (int r = 0; r < kRows; ++r) {
@@ -167,28 +167,20 @@ void for_each_head(const Args& a, Fn fn) {
 
 const char* forward_host(const ForwardArgs& args) {
   if (const char* problem = check_problem(args.p)) return problem;
-  switch (args.dtype) {
-    case DType::kFloat32: for_each_head(args, [&](int64_t b, int64_t h) { forward_head<float>(args, b, h); }); break;
-    case DType::kFloat16: for_each_head(args, [&](int64_t b, int64_t h) { forward_head<Half>(args, b, h); }); break;
-    case DType::kBFloat16:
-      for_each_head(args, [&](int64_t b, int64_t h) { forward_head<BFloat16>(args, b, h); });
-      break;
-    default: return "unsupported dtype";
-  }
-  return nullptr;
+  return dispatch_dtype(args.dtype, "unsupported dtype", [&](auto type) -> const char* {
+    using T = typename decltype(type)::type;
+    for_each_head(args, [&](int64_t b, int64_t h) { forward_head<T>(args, b, h); });
+    return nullptr;
+  });
 }
 
 const char* backward_host(const BackwardArgs& args) {
   if (const char* problem = check_problem(args.p)) return problem;
-  switch (args.dtype) {
-    case DType::kFloat32: for_each_head(args, [&](int64_t b, int64_t h) { backward_head<float>(args, b, h); }); break;
-    case DType::kFloat16: for_each_head(args, [&](int64_t b, int64_t h) { backward_head<Half>(args, b, h); }); break;
-    case DType::kBFloat16:
-      for_each_head(args, [&](int64_t b, int64_t h) { backward_head<BFloat16>(args, b, h); });
-      break;
-    default: return "unsupported dtype";
-  }
-  return nullptr;
+  return dispatch_dtype(args.dtype, "unsupported dtype", [&](auto type) -> const char* {
+    using T = typename decltype(type)::type;
+    for_each_head(args, [&](int64_t b, int64_t h) { backward_head<T>(args, b, h); });
+    return nullptr;
+  });
 }
 
 }  // namespace flashtile_ref

@@ -63,6 +63,20 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 
+// Calls fn(TypeTag<T>{}) with T the storage type that `dtype` names, and returns what fn
+// returns; `unknown` for a dtype outside the enum. One switch for the four entry points
+// (forward / backward, CUDA / host), each instantiating its template for T.
+template <typename T> struct TypeTag { using type = T; };
+template <typename Result, typename Fn>
+Result dispatch_dtype(DType dtype, Result unknown, Fn fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(TypeTag<float>{});
+    case DType::kFloat16: return fn(TypeTag<Half>{});
+    case DType::kBFloat16: return fn(TypeTag<BFloat16>{});
+  }
+  return unknown;
+}
+
 FT_HD float bits_to_float(uint32_t u) {
   float f;
   memcpy(&f, &u, sizeof f);
@@ -174,10 +188,12 @@ FT_HD bool visible(int64_t i, int64_t j, const Problem& p) {
   return i < p.n_q && j < p.n_k && (!p.causal || j <= i + p.n_k - p.n_q);
 }
 
-// Keys [0, key_end) include every key that queries <= last_query see; keys past it are
-// masked for all of them, so a block of queries never loads those tiles.
-FT_HD int64_t key_end(int64_t last_query, const Problem& p) {
+// Keys [0, block_key_end) include every key that the block of queries [q0, q0 + kRows)
+// sees; keys past it are masked for all of them, so the block never loads those tiles.
+// Under the causal mask the block's last query, min(q0 + kRows, n_q) - 1, sees the most.
+FT_HD int64_t block_key_end(int64_t q0, const Problem& p) {
   if (!p.causal) return p.n_k;
+  const int64_t last_query = (q0 + kRows < p.n_q ? q0 + kRows : p.n_q) - 1;
   const int64_t end = last_query + p.n_k - p.n_q + 1;
   return end < 0 ? 0 : (end > p.n_k ? p.n_k : end);
 }
