@@ -311,24 +311,33 @@ def measure_stability(names, batch, heads, n, head_dim, causal, dtype, device):
 # Environment and tables
 # ---------------------------------------------------------------------------------------
 
+def source_commit(where=os.path.dirname(os.path.abspath(__file__))):
+    """The commit of the measured code: FLASHTILE_COMMIT when set, else git's HEAD at `where`,
+    with "+changes" appended when tracked files differ from it. The device tool copies the
+    working tree beside a .git that can be an older snapshot: the mark shows that HEAD is not
+    what ran, and FLASHTILE_COMMIT names what did."""
+    commit = os.environ.get("FLASHTILE_COMMIT", "")
+    if commit:
+        return commit
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=where)  # noqa: E731
+    try:
+        head = git("rev-parse", "HEAD").stdout.strip()
+        changed = head and git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head + "+changes" if changed else head) or "unknown"
+
+
 def environment(device):
     import triton
 
-    # FLASHTILE_COMMIT names the commit where the tree was copied without .git (the device tool).
-    commit = os.environ.get("FLASHTILE_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except OSError:
-            pass
     on_gpu = device == "cuda"
     return dict(device=device,
                 gpu=torch.cuda.get_device_name() if on_gpu else "none",
                 cpu=platform.processor() or platform.machine(),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if on_gpu else None,
-                python=platform.python_version(), commit=commit or "unknown",
+                python=platform.python_version(), commit=source_commit(),
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 portable=os.environ.get("FLASHTILE_PORTABLE", "0") == "1",
                 autotune=os.environ.get("FLASHTILE_AUTOTUNE", "1") != "0",
@@ -551,8 +560,10 @@ def finish(results, env, out_dir, plots=True):
 def report_markdown(results, env):
     on_gpu = env["device"] == "cuda"
     where = env["gpu"] if on_gpu else f"CPU ({env['cpu']}), Triton interpreter"
+    head, plus, changes = env["commit"].partition("+")
+    short_commit = head[:10] + plus + changes  # the hash shortened, a "+changes" mark kept
     lines = [f"## flashtile.bench on {where}",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit'][:10]}, "
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {short_commit}, "
              f"{env['date']}"]
     if on_gpu and env.get("note"):  # e.g. rows merged from a later run (the CPU note is printed apart)
         lines.append(env["note"])

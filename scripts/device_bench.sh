@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU report and the asv history, as device calls (tree copied without .git; no network).
+# The GPU report and the asv history, as device calls (the working tree is copied; its .git
+# there can be an older snapshot; no network).
 #
 #   bash scripts/device_bench.sh report [flashtile.bench options]   # e.g. --dtypes fp16
 #   bash scripts/device_bench.sh asv [scripts/asv_record.sh options] # e.g. --budget 480 --skip-existing
 #
 # report: installs flashtile from this tree (the CUDA reference for sm_90 only), runs
 #   python -m flashtile.bench --out /tmp/report, and packs it into $OUT/report.tgz (bench.json,
-#   the PNGs, bench.log). FLASHTILE_COMMIT should name the commit (there is no .git there).
+#   the PNGs, bench.log). FLASHTILE_COMMIT should name the commit (without it bench.json records
+#   the machine's HEAD, marked "+changes" where the tree differs from it).
 # asv: installs the carried asv wheels (.whl/asv, `pip download` them here first) into
 #   /tmp/site, records the kernel commits from the carried bare mirror (.asv_mirror.git) into
 #   asv_bench/results/h100/, and packs that folder into $OUT/asv_results.tgz (the log: $OUT/asv_record.log).

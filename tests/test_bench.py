@@ -84,3 +84,28 @@ def test_host_memory_tracker_sees_quadratic_scores():
 @pytest.mark.parametrize("value, text", [(364.4, "364"), (12.345, "12.3"), (0.01234, "0.0123")])
 def test_number_format(value, text):
     assert bench.number(value) == text
+
+
+def test_source_commit_marks_a_tree_that_differs_from_head(tmp_path, monkeypatch):
+    """The recorded commit is HEAD, "+changes" when tracked files differ from it (as where a
+    working tree sits beside an older .git), and FLASHTILE_COMMIT when set."""
+    monkeypatch.delenv("FLASHTILE_COMMIT", raising=False)
+    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],  # noqa: E731
+                                       cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    git("add", "kernel.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert bench.source_commit(str(tmp_path)) == head
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert bench.source_commit(str(tmp_path)) == head
+    (tmp_path / "kernel.py").write_text("x = 2\n")
+    assert bench.source_commit(str(tmp_path)) == head + "+changes"
+    monkeypatch.setenv("FLASHTILE_COMMIT", "abc123")
+    assert bench.source_commit(str(tmp_path)) == "abc123"
+    monkeypatch.delenv("FLASHTILE_COMMIT")
+    plain = tmp_path.parent / (tmp_path.name + "_plain")  # no repository at or above it
+    plain.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert bench.source_commit(str(plain)) == "unknown"
