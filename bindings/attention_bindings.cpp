@@ -90,7 +90,7 @@ DType dtype_of(const at::Tensor& t, const char* name) {
     case at::kBFloat16: return DType::kBFloat16;
     default:
       FT_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
-                       "; the CUDA reference supports float16, bfloat16 and float32");
+                    "; the CUDA reference supports float16, bfloat16 and float32");
   }
   return DType::kFloat32;  // unreachable
 }
@@ -105,8 +105,8 @@ void check_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
   FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
   if (t.is_cuda()) {
     FT_CHECK(kWithCuda,
-                "flashtile's CUDA reference was built without CUDA (the host build: torch without CUDA or "
-                "no nvcc when it was installed); it runs on CPU tensors only");
+             "flashtile's CUDA reference was built without CUDA (the host build: torch without CUDA or "
+             "no nvcc when it was installed); it runs on CPU tensors only");
   } else {
     FT_CHECK(t.is_cpu(), name, " is on ", t.device(), "; the CUDA reference runs on CUDA or CPU tensors");
   }
@@ -119,21 +119,21 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_4d(v, "v");
   dtype_of(q, "q");  // raises TypeError for an unsupported dtype
   FT_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-                   v.scalar_type());
+                "q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                v.scalar_type());
   check_device(q, q, "q");
   check_device(k, q, "k");
   check_device(v, q, "v");
   FT_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q ", q.size(0), ", k ",
-              k.size(0), ", v ", v.size(0));
+           k.size(0), ", v ", v.size(0));
   FT_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "head counts differ: q ", q.size(1), ", k ",
-              k.size(1), ", v ", v.size(1));
+           k.size(1), ", v ", v.size(1));
   FT_CHECK(k.size(2) == v.size(2), "k and v must have the same sequence length, got ", k.size(2), " and ",
-              v.size(2));
+           v.size(2));
   FT_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "head_dim differs: q ", q.size(3), ", k ",
-              k.size(3), ", v ", v.size(3));
+           k.size(3), ", v ", v.size(3));
   FT_CHECK(q.size(3) >= 1 && q.size(3) <= flashtile_ref::kMaxHeadDim, "head_dim must be in 1..",
-              flashtile_ref::kMaxHeadDim, ", got ", q.size(3));
+           flashtile_ref::kMaxHeadDim, ", got ", q.size(3));
   FT_CHECK(std::isfinite(scale) && scale > 0, "scale must be finite and positive, got ", scale);
   Problem p;
   p.batch = q.size(0);
@@ -148,9 +148,9 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 void check_float32(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& q) {
   FT_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32 (the forward's), got ",
-                   t.scalar_type());
+                t.scalar_type());
   FT_CHECK(t.sizes() == shape, name, " has shape ", t.sizes(), ", expected ", shape);
-  FT_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+  check_device(t, q, name);
 }
 
 // The fields ForwardArgs and BackwardArgs share: problem, dtype, q, k, v and their strides.
@@ -215,7 +215,7 @@ std::vector<at::Tensor> backward(const at::Tensor& d_out, const at::Tensor& q, c
   const Problem p = check_qkv(q, k, v, causal, scale);
   check_4d(d_out, "d_out");
   FT_CHECK_TYPE(d_out.scalar_type() == q.scalar_type(), "d_out has dtype ", d_out.scalar_type(),
-                   ", expected q's ", q.scalar_type());
+                ", expected q's ", q.scalar_type());
   FT_CHECK(d_out.sizes() == q.sizes(), "d_out has shape ", d_out.sizes(), ", expected q's ", q.sizes());
   check_device(d_out, q, "d_out");
   check_float32(out, "out", q.sizes(), q);
