@@ -292,7 +292,6 @@ def test_many_bindings_errors_in_one_process():
     (no c10::Error: with TORCH_SHOW_CPP_STACKTRACES=1 one would carry its C++ backtrace). In
     a child process, so that a crash fails this test instead of killing pytest; on a CUDA
     machine it runs a Triton kernel and the CUDA reference first."""
-    import os
     import subprocess
 
     cuda_reference.extension()  # a clear failure here if the extension is not built
