@@ -3,29 +3,24 @@
     import flashtile
     out = flashtile.attention(q, k, v, causal=True)            # v2
     out, lse = flashtile.attention(q, k, v, impl="v1", return_lse=True)
+    out = flashtile.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True)
 """
-from .interface import IMPLEMENTATIONS, attention
+from .interface import attention, varlen_attention
 from .reference import attention_flops, attention_reference
+from .registry import IMPLEMENTATIONS, REGISTRY
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):
-    # The autograd Function classes, importable from the top level without importing
-    # (and autotuning) every kernel module when flashtile itself is imported.
-    modules = {
-        "FlashAttentionV1Function": ".triton_kernels.v1",
-        "FlashAttentionV2Function": ".triton_kernels.v2",
-        "FlashAttentionV2AtomicFunction": ".triton_kernels.v2_atomic",
-        "CudaReferenceAttentionFunction": ".cuda_reference",  # impl="cuda"
-    }
-    if name in modules:
-        import importlib
-
-        return getattr(importlib.import_module(modules[name], __name__), name)
+    # The autograd Function classes, importable from the top level without importing (and
+    # compiling) every kernel module when flashtile itself is imported.
+    for entry in REGISTRY.values():
+        if entry.function == name:
+            return entry.load()
     raise AttributeError(f"module 'flashtile' has no attribute {name!r}")
 
 
-__all__ = ["attention", "attention_reference", "attention_flops", "IMPLEMENTATIONS",
+__all__ = ["attention", "varlen_attention", "attention_reference", "attention_flops", "IMPLEMENTATIONS",
            "FlashAttentionV1Function", "FlashAttentionV2Function", "FlashAttentionV2AtomicFunction",
            "CudaReferenceAttentionFunction"]

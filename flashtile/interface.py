@@ -1,12 +1,15 @@
-"""`flashtile.attention`: argument checking and dispatch, and nothing else.
+"""`flashtile.attention` and `flashtile.varlen_attention`: argument checking and dispatch.
 
 Every check happens here, once, before any kernel runs; the kernels assume valid input
 (the split FlashAttention's own interface makes). Errors name the argument and the problem.
+The implementation is taken from the one registry (flashtile/registry.py).
 """
 import math
 import os
 
 import torch
+
+from .registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, REGISTRY
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # The CUDA reference (impl="cuda") computes in float32 and takes float32 inputs too.
@@ -18,33 +21,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _implementations():
-    # Imported lazily so that `import flashtile` stays cheap and the registry is one place.
-    from .triton_kernels.v1 import FlashAttentionV1Function
-    from .triton_kernels.v2 import FlashAttentionV2Function
-    from .triton_kernels.v2_atomic import FlashAttentionV2AtomicFunction
-    from .cuda_reference import CudaReferenceAttentionFunction
-
-    return {
-        "v1": FlashAttentionV1Function,
-        "v2": FlashAttentionV2Function,
-        "v2_atomic": FlashAttentionV2AtomicFunction,
-        "cuda": CudaReferenceAttentionFunction,
-    }
+def _check_impl(impl):
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a str, got {type(impl).__name__}")
+    if impl not in REGISTRY:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
-IMPLEMENTATIONS = ("v1", "v2", "v2_atomic", "cuda")
-
-
-def check_inputs(q, k, v, causal, scale, impl, return_lse):
-    """Raise TypeError/ValueError for anything the kernels do not handle; return the scale."""
+def _check_tensors(q, k, v, impl, dims, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-    reference = isinstance(impl, str) and impl == "cuda"
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    reference = impl == "cuda"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in (REFERENCE_DTYPES if reference else SUPPORTED_DTYPES):
             raise TypeError(f"{name} has dtype {t.dtype}; flashtile supports torch.float16 and torch.bfloat16 "
@@ -59,62 +50,174 @@ def check_inputs(q, k, v, causal, scale, impl, return_lse):
         if q.device.type not in ("cuda", "cpu"):
             raise ValueError(f"q, k, v are on {q.device}; impl='cuda' needs CUDA (or CPU) tensors")
     elif q.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"q, k, v are on {q.device}; flashtile's kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run them on the CPU interpreter)"
-        )
-    (bq, hq, _, dq), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
-    if not (bq == bk == bv):
-        raise ValueError(f"batch sizes differ: q {bq}, k {bk}, v {bv}")
-    if not (hq == hk == hv):
-        raise ValueError(f"head counts differ: q {hq}, k {hk}, v {hv}")
-    if nk != nv:
-        raise ValueError(f"k and v must have the same sequence length, got {nk} and {nv}")
+        raise ValueError(f"q, k, v are on {q.device}; flashtile's kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 to run them on the CPU interpreter)")
+
+
+def _check_heads_and_dims(hq, hk, hv, dq, dk, dv):
+    if hk != hv:
+        raise ValueError(f"k and v must have the same number of heads, got {hk} and {hv}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"the query heads must be a multiple of the key/value heads (grouped-query attention), "
+                         f"got q {hq} heads and k, v {hk}")
     if not (dq == dk == dv):
         raise ValueError(f"head_dim differs: q {dq}, k {dk}, v {dv}")
     if dq < 1 or dq > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {dq}")
+
+
+def _check_options(causal, scale, window_size, softcap, return_lse, head_dim):
+    """The keyword options of both entry points; returns (scale, window_left, window_right, softcap)."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if not isinstance(impl, str):
-        raise TypeError(f"impl must be a str, got {type(impl).__name__}")
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    for side, value in zip(("left", "right"), window_size):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"window_size's {side} side must be an int, got {type(value).__name__}")
+        if value < -1:
+            raise ValueError(f"window_size's {side} side must be >= 0, or -1 for unbounded, got {value}")
+    left, right = window_size
+    if causal:
+        right = 0  # causal is the window's right side at 0 (as FlashAttention-2)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0 turns it off), got {softcap}")
     if scale is None:
-        return 1.0 / math.sqrt(dq)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be finite and positive, got {scale}")
-    return scale
+        scale = 1.0 / math.sqrt(head_dim)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be finite and positive, got {scale}")
+    return scale, left, right, softcap
 
 
-def attention(q, k, v, *, causal=False, scale=None, impl="v2", return_lse=False):
+def check_inputs(q, k, v, causal=False, scale=None, impl=DEFAULT_IMPLEMENTATION, return_lse=False,
+                 window_size=(-1, -1), softcap=0.0):
+    """Raise TypeError/ValueError for anything `attention` does not handle;
+    return (scale, window_left, window_right, softcap) with causal folded into the window."""
+    _check_impl(impl)
+    _check_tensors(q, k, v, impl, 4, "(batch, heads, seq, head_dim)")
+    (bq, hq, _, dq), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
+    if not (bq == bk == bv):
+        raise ValueError(f"batch sizes differ: q {bq}, k {bk}, v {bv}")
+    if nk != nv:
+        raise ValueError(f"k and v must have the same sequence length, got {nk} and {nv}")
+    _check_heads_and_dims(hq, hk, hv, dq, dk, dv)
+    return _check_options(causal, scale, window_size, softcap, return_lse, dq)
+
+
+def _empty_result(q, k, v, lse_shape, return_lse):
+    """Nothing to attend to (or nobody asking): out = 0 and lse = -inf, the kernels' empty-softmax
+    convention, built from q, k, v so that autograd gives them their zero (or empty) gradients."""
+    out = q * 0 + (k.sum() + v.sum()) * 0
+    lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+    return (out, lse) if return_lse else out
+
+
+def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, impl=DEFAULT_IMPLEMENTATION,
+              return_lse=False):
     """Scaled dot-product attention, softmax(scale * q k^T) v, differentiable in q, k, v.
 
-    q: (B, H, Nq, D); k, v: (B, H, Nk, D), the layout of
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), the layout of
     torch.nn.functional.scaled_dot_product_attention; any strides. fp16 or bf16 (fp32 too
     with impl="cuda"), D <= 256.
-    causal: query i sees key j iff j <= i + Nk - Nq (bottom-right, as FlashAttention-2).
+    Grouped-query attention: Hq a multiple of Hkv; query head h reads K/V head
+    h // (Hq // Hkv) (MQA: Hkv = 1). K/V are never copied; dK, dV have Hkv heads.
+    window_size (left, right): query i, at position p = i + Nk - Nq (bottom-right aligned),
+    sees key j iff p - left <= j <= p + right; -1 leaves a side unbounded.
+    causal: right = 0, whatever window_size's right side says (as FlashAttention-2).
+    softcap > 0: scores become softcap * tanh(scale * q.k / softcap) (Gemma 2); 0 is off.
     A row that sees no key outputs 0, has lse = -inf and zero gradients.
     scale: defaults to 1/sqrt(D).
-    impl: "v1", "v2" (default) or "v2_atomic" (Triton), or "cuda" (the float32 CUDA
-    reference, which also takes float32 inputs and, in its host build, CPU tensors).
-    return_lse: also return the float32 natural-log log-sum-exp, shape (B, H, Nq).
+    impl: a name from flashtile.IMPLEMENTATIONS: "v1", "v2" (default), "v2_atomic" (Triton)
+    or "cuda" (the float32 CUDA reference, which also takes float32 inputs and, in its host
+    build, CPU tensors).
+    return_lse: also return the float32 natural-log log-sum-exp, shape (B, Hq, Nq).
     """
-    scale = check_inputs(q, k, v, causal, scale, impl, return_lse)
-    B, H, n_q, D = q.shape
+    scale, left, right, softcap = check_inputs(q, k, v, causal, scale, impl, return_lse, window_size, softcap)
+    B, Hq, n_q, _ = q.shape
     n_k = k.shape[2]
-    if n_q == 0 or n_k == 0:
-        # Nothing to attend to (or nobody asking): the kernels' empty-softmax convention,
-        # out = 0 and lse = -inf. (q k^T) v over an empty dimension is exactly that zero
-        # tensor, and autograd gives q, k, v their (zero or empty) gradients.
-        out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)), v)
-        lse = torch.full((B, H, n_q), float("-inf"), dtype=torch.float32, device=q.device)
-        return (out, lse) if return_lse else out
-    function = _implementations()[impl]
-    out, lse = function.apply(q, k, v, causal, scale)
+    if n_q == 0 or n_k == 0 or B == 0:
+        return _empty_result(q, k, v, (B, Hq, n_q), return_lse)
+    function = REGISTRY[impl].load()
+    out, lse = function.apply(q, k, v, None, None, n_q, n_k, scale, left, right, softcap)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(name, cu, q, total):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
+    if cu.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+
+
+def _check_max_seqlen(name, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None,
+                        impl=DEFAULT_IMPLEMENTATION, return_lse=False, window_size=(-1, -1), softcap=0.0):
+    """Raise TypeError/ValueError for anything `varlen_attention` does not handle (the values
+    inside cu_seqlens are the caller's contract); return what check_inputs returns."""
+    _check_impl(impl)
+    _check_tensors(q, k, v, impl, 3, "(total_tokens, heads, head_dim)")
+    (tq, hq, dq), (tk, hk, dk), (tv, hv, dv) = q.shape, k.shape, v.shape
+    if tk != tv:
+        raise ValueError(f"k and v must have the same number of tokens, got {tk} and {tv}")
+    _check_heads_and_dims(hq, hk, hv, dq, dk, dv)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, tq)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, tk)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got lengths "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    return _check_options(causal, scale, window_size, softcap, return_lse, dq)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
+                     scale=None, window_size=(-1, -1), softcap=0.0, impl=DEFAULT_IMPLEMENTATION, return_lse=False):
+    """Attention over a packed batch of sequences of different lengths, without padding.
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D), sequence after sequence (the layout of
+    FlashAttention-2's flash_attn_varlen_func). cu_seqlens_q / cu_seqlens_k: int32 (B + 1,)
+    prefix sums of the lengths, starting at 0, on q's device: sequence b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and attends only to rows
+    cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v, with its own bottom-right alignment for
+    causal and the window. Their values (0 first, non-decreasing, last = total_q / total_k)
+    are the caller's contract, as in FlashAttention-2; they are not checked, since that
+    would read them back from the GPU.
+    max_seqlen_q / max_seqlen_k: the longest sequence lengths, which size the grid. None
+    computes them from cu_seqlens_*, at the cost of one device-to-host copy (a sync).
+    Other arguments as `attention`. return_lse: lse has shape (Hq, total_q).
+    """
+    scale, left, right, softcap = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, causal, scale, impl, return_lse, window_size,
+                                                      softcap)
+    if max_seqlen_q is None or max_seqlen_k is None:
+        lengths = torch.stack([cu_seqlens_q.diff(), cu_seqlens_k.diff()]).amax(dim=1).tolist()  # the sync
+        max_seqlen_q = lengths[0] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = lengths[1] if max_seqlen_k is None else max_seqlen_k
+    total_q, Hq = q.shape[0], q.shape[1]
+    if total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return _empty_result(q, k, v, (Hq, total_q), return_lse)
+    function = REGISTRY[impl].load()
+    out, lse = function.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                              softcap)
     return (out, lse) if return_lse else out

@@ -77,7 +77,10 @@ def attention_reference(q, k, v, causal=False, scale=None, upcast=True, window_s
     if window != (-1, -1):
         visible = visible_keys(q.shape[-2], k.shape[-2], window, q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if scores.shape[-1] == 0:  # no keys at all (an empty sequence in a varlen batch)
+        row_max = scores.new_full(scores.shape[:-1] + (1,), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)  # masked entries: exp(-inf) = 0
     row_sum = weights.sum(dim=-1, keepdim=True)

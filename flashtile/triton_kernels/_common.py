@@ -1,18 +1,29 @@
-"""What the three algorithms really share: index arithmetic, loop bounds, launch configs.
+"""What the three algorithms really share: sequences, windows, loop bounds, launch configs.
 
 Conventions used by every kernel in this package
-- Tensors are (B, H, N, D) with arbitrary strides; a program handles one (batch, head)
-  pair, `bh = batch * H + head`, and one block of rows.
-- Offsets that can pass 2^31 (batch and head strides times their index, a block's first
-  row times the row stride) are computed in int64 once per program; within a tile the
-  offsets are small and stay int32. Pointers then advance by a tile at a time.
-- The grid is 1-D (CUDA allows 2^31 - 1 blocks on x but only 65535 on y and z, and B * H
-  can exceed that); consecutive programs take consecutive row blocks of one head, so the
-  programs running together share that head's K/V in L2.
-- Causal masking is bottom-right aligned: query i sees key j iff j <= i + (Nk - Nq).
-  Each kernel splits its loop into the blocks that need no mask and the few that do
-  (the diagonal and the sequence tail), so only those pay for the mask.
+- A tensor is seen as (batch, head, row, D) through three strides (batch, head, row); D is
+  contiguous (the launchers make it so). Dense tensors are (B, H, N, D); packed varlen
+  tensors (total, H, D) have batch stride 0 and sequence b starts at row cu_seqlens[b].
+  So one kernel serves both: `sequence()` gives a program its sequence's first row and
+  length, and `head_start()` turns that into a pointer, once per program, in int64
+  (batch and row offsets can pass 2^31); tile offsets inside a sequence stay int32.
+- A program handles one (batch, head) pair and one block of rows. The grid is 1-D (CUDA
+  allows 2^31 - 1 blocks on x but only 65535 on y and z); consecutive programs take
+  consecutive row blocks of one head, so programs running together share K/V in L2. For
+  varlen the grid is sized by the longest sequence and programs past their sequence's end
+  return at once.
+- Grouped-query attention: query head h reads K/V head h // group. Forward and dQ
+  programs are per query head; dK/dV programs are per K/V head and loop over the group's
+  query heads in a fixed order, so dK/dV are summed without atomics and without a copy.
+- Visibility (FlashAttention-2's local attention, bottom-right aligned): query i sits at
+  position p = i + Nk - Nq and sees key j iff p - left <= j <= p + right. A side that is
+  unbounded (-1) is compiled out (WINDOW_LEFT / WINDOW_RIGHT constexprs); causal is
+  right = 0. Each loop over blocks is split into a masked head, an unmasked middle and a
+  masked tail (`split_blocks`), and blocks outside the window are not visited at all, so a
+  window of w keys costs O(N w).
+- Softcap (Gemma 2): scores c * tanh(scale * q.k / c), in log2 units like the rest.
 """
+import dataclasses
 import os
 
 import torch
@@ -140,8 +151,8 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
 
     The candidate list is the union over head-dim buckets; the early prune keeps only the
     configs shipped for the launched bucket, so a first call times at most four configs.
-    Keys: the power-of-two buckets of Nq and Nk, the head-dim tile, causal (and, implicitly
-    in Triton, the tensors' dtypes)."""
+    Keys: the power-of-two buckets of Nq and Nk, the head-dim tile and the feature flags
+    (and, implicitly in Triton, the tensors' dtypes)."""
     capability = device_capability()
     union = []
     for block_d in (16, 32, 64, 128, 256):
@@ -156,10 +167,106 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
 
     return triton.autotune(
         configs=as_triton_configs(union, owned, looped),
-        key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "IS_CAUSAL"],
+        key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
         prune_configs_by={"early_config_prune": prune},
         **autotune_kwargs,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Host side: how a tensor is addressed, and the launch arguments every kernel shares
+# ---------------------------------------------------------------------------------------
+
+def d_contiguous(t):
+    """`t` itself when its last dim is dense (the kernels assume stride 1 along D), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def row_strides(t):
+    """(batch, head, row) strides of a dense (B, H, N, D) or packed (total, H, D) tensor."""
+    if t.dim() == 4:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, t.stride(1), t.stride(0)
+
+
+def stat_strides(stat):
+    """(batch, head) strides of a row statistic: (B, H, N) dense or (H, total) packed; rows are
+    contiguous in both, and a packed sequence's rows start at its cu_seqlens offset."""
+    if stat.dim() == 3:
+        return stat.stride(0), stat.stride(1)
+    return 0, stat.stride(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The shape and features of one attention call, as every launcher needs them.
+
+    Dense: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), cu_seqlens None, n_q / n_k the lengths.
+    Varlen: q (total_q, Hq, D), k and v (total_k, Hkv, D), n_q / n_k the longest sequence
+    (they size the grid), cu_seqlens_q / cu_seqlens_k int32 (B + 1,).
+    window_left / window_right: -1 unbounded; causal already folded in as right = 0.
+    """
+    batch: int
+    q_heads: int
+    kv_heads: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+    cu_seqlens_q: object = None
+    cu_seqlens_k: object = None
+
+    @staticmethod
+    def of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+           softcap):
+        if cu_seqlens_q is None:
+            batch, q_heads, n_q, head_dim = q.shape
+            kv_heads, n_k = k.shape[1], k.shape[2]
+        else:
+            batch, q_heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
+            kv_heads, n_q, n_k = k.shape[1], max_seqlen_q, max_seqlen_k
+        return Problem(batch, q_heads, kv_heads, n_q, n_k, head_dim, scale, window_left, window_right, softcap,
+                       cu_seqlens_q, cu_seqlens_k)
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def stat_shape(self, q):
+        """Shape of lse-like row statistics: (B, Hq, Nq) dense, (Hq, total_q) varlen."""
+        return (self.q_heads, q.shape[0]) if self.varlen else (self.batch, self.q_heads, self.n_q)
+
+    def sequences(self, q):
+        """The cu_seqlens pointers a kernel takes; dense calls pass q itself as an unused stand-in."""
+        return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (q, q)
+
+    def scores_args(self):
+        """(qk_scale, softcap_log2): S in log2 units is q.k * qk_scale, or with a softcap c,
+        tanh(q.k * qk_scale) * softcap_log2 with qk_scale = scale / c and softcap_log2 = c log2(e)."""
+        if self.softcap > 0:
+            return self.scale / self.softcap, self.softcap * LOG2_E.value
+        return self.scale * LOG2_E.value, 1.0
+
+    def kernel_args(self):
+        """The scalar arguments every attention kernel takes, by keyword."""
+        qk_scale, softcap_log2 = self.scores_args()
+        return dict(group=self.group, n_q=self.n_q, n_k=self.n_k, scale=self.scale, qk_scale=qk_scale,
+                    softcap_log2=softcap_log2, window_left=max(self.window_left, 0),
+                    window_right=max(self.window_right, 0), q_bucket=seq_bucket(self.n_q),
+                    k_bucket=seq_bucket(self.n_k), VARLEN=self.varlen, WINDOW_LEFT=self.window_left >= 0,
+                    WINDOW_RIGHT=self.window_right >= 0, SOFTCAP=self.softcap > 0, **head_dim_args(self.head_dim))
+
+    def grid(self, rows: str, owned: str, heads: int):
+        """1-D grid over (batch, head, block of `rows`) for blocks of size meta[owned]."""
+        n = self.n_q if rows == "q" else self.n_k
+        return lambda meta: (triton.cdiv(n, meta[owned]) * self.batch * heads,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,26 +274,9 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def head_offset(bh, n_heads, stride_b, stride_h):
-    """Element offset of head `bh` (= batch * H + head) in int64: B*H*stride can pass 2^31."""
-    batch = bh // n_heads
-    head = bh % n_heads
-    return batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
-
-
-@triton.jit
-def tile_pointers(base, head_off, first_row, rows, cols, stride_n, stride_d):
-    """Pointers to a (len(rows), len(cols)) tile starting at row `first_row` of one head.
-
-    `rows` and `cols` are small aranges; the large part of the offset is int64."""
-    start = base + head_off + tl.cast(first_row, tl.int64) * stride_n
-    return start + rows[:, None] * stride_n + cols[None, :] * stride_d
-
-
-@triton.jit
-def block_of_program(n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
-    """(bh, first row) of this program's block. Programs run over (batch * head, block), blocks
-    fastest, in one grid dimension (grid y and z stop at 65535; B * H need not).
+def program_block(n_heads, n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """(batch, head, first row) of this program's block. Programs run over (batch, head, block),
+    blocks fastest, in one grid dimension.
 
     LONGEST_FIRST reverses the block order: under a causal mask later query blocks see more
     keys, and launching them first leaves short programs for the last wave."""
@@ -195,73 +285,133 @@ def block_of_program(n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
     block = tl.program_id(0) % num_blocks
     if LONGEST_FIRST:
         block = num_blocks - 1 - block
-    return bh, block * BLOCK
+    return bh // n_heads, bh % n_heads, block * BLOCK
 
 
 @triton.jit
-def load_head_tile(base, bh, n_heads, stride_b, stride_h, stride_n, stride_d,
-                   first_row, local_rows, n_rows, cols, head_dim, EVEN_D: tl.constexpr):
-    """The tile of rows first_row + local_rows (zero past n_rows and head_dim) of head `bh`."""
-    ptrs = tile_pointers(base, head_offset(bh, n_heads, stride_b, stride_h), first_row,
-                         local_rows, cols, stride_n, stride_d)
-    return load_tile(ptrs, first_row + local_rows, n_rows, cols, head_dim, EVEN_D, True)
-
-
-@triton.jit
-def key_range_for_query_block(q_start, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              IS_CAUSAL: tl.constexpr):
-    """Keys a query block [q_start, q_start + BLOCK_M) must visit, split in two.
-
-    Returns (unmasked_end, end): keys [0, unmasked_end) are seen by every query of the
-    block and lie inside the sequence, so they need no mask, and unmasked_end is a
-    multiple of BLOCK_N; keys [unmasked_end, end) need the bounds and causal mask.
-    Keys >= end are seen by no query of the block (FlashAttention-2, section 3.1.1:
-    blocks above the diagonal are skipped).
-    """
-    if IS_CAUSAL:
-        causal_offset = n_k - n_q
-        end = tl.minimum(n_k, tl.maximum(0, q_start + BLOCK_M + causal_offset))
-        # The block's first query sees keys j <= q_start + causal_offset; later ones see more.
-        seen_by_all = tl.minimum(end, tl.maximum(0, q_start + causal_offset + 1))
+def sequence(CU_SEQLENS, batch, n_rows, VARLEN: tl.constexpr):
+    """(first row, length) of sequence `batch`: row 0 and n_rows for dense tensors, and
+    cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b] for packed ones."""
+    if VARLEN:
+        first = tl.load(CU_SEQLENS + batch)
+        n_rows = tl.load(CU_SEQLENS + batch + 1) - first
     else:
-        end = n_k
-        seen_by_all = n_k
-    unmasked_end = (seen_by_all // BLOCK_N) * BLOCK_N
-    return unmasked_end, end
+        first = 0
+    return first, n_rows
 
 
 @triton.jit
-def query_range_for_key_block(k_start, n_q, n_k, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                              IS_CAUSAL: tl.constexpr):
-    """Queries a key block [k_start, k_start + BLOCK_N) is seen by, split in two.
-
-    Returns (start, masked_end): queries from `start` on see some key of the block;
-    blocks of BLOCK_M queries starting at `start` and ending at or before masked_end
-    straddle the diagonal and need the causal mask; from masked_end on, every query sees
-    every key of the block. Without causal masking everything is [0, n_q), unmasked.
-    """
-    if IS_CAUSAL:
-        causal_offset = n_k - n_q
-        # Query i sees key j iff i >= j - causal_offset.
-        start = tl.minimum(n_q, tl.maximum(0, k_start - causal_offset))
-        sees_all = tl.minimum(n_q, tl.maximum(0, k_start + BLOCK_N - 1 - causal_offset))
-        masked_end = start + tl.cdiv(sees_all - start, BLOCK_M) * BLOCK_M
-    else:
-        start = 0
-        masked_end = 0
-    return start, masked_end
+def head_start(base, batch, head, first_row, stride_b, stride_h, stride_n):
+    """Pointer to row `first_row` of (batch, head), with the large offsets in int64."""
+    return (base + tl.cast(batch, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h
+            + tl.cast(first_row, tl.int64) * stride_n)
 
 
 @triton.jit
-def is_visible(query, key, n_q, n_k, IS_CAUSAL: tl.constexpr):
-    """Bool tile: key index `key` exists and (if causal) query `query` sees it.
+def tile_pointers(start, first_row, local_rows, cols, stride_n):
+    """Pointers to rows first_row + local_rows, columns cols, below `start` (a head_start
+    pointer); D is contiguous. first_row * stride_n is int64, the tile's own offsets int32."""
+    return start + tl.cast(first_row, tl.int64) * stride_n + local_rows[:, None] * stride_n + cols[None, :]
+
+
+@triton.jit
+def split_blocks(lo, all_lo, all_hi, hi, BLOCK: tl.constexpr):
+    """Split the rows [lo, hi) that a block of the other side sees into runs of BLOCK rows.
+
+    [all_lo, all_hi) are the rows seen by every member of that block (and inside the
+    sequence). Returns (start, first_full, end_full): the runs of
+    range(start, first_full, BLOCK) and range(end_full, hi, BLOCK) need the mask, those of
+    range(first_full, end_full, BLOCK) need none. `start` rounds lo down to a multiple of
+    BLOCK so that blocks stay aligned to the tensor's tiles."""
+    start = (lo // BLOCK) * BLOCK
+    first_full = tl.minimum(hi, start + tl.cdiv(tl.maximum(all_lo - start, 0), BLOCK) * BLOCK)
+    end_full = first_full + (tl.maximum(all_hi - first_full, 0) // BLOCK) * BLOCK
+    return start, first_full, end_full
+
+
+@triton.jit
+def key_range(q_start, n_q, n_k, window_left, window_right, BLOCK_M: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Keys that the queries [q_start, q_start + BLOCK_M) see: (lo, all_lo, all_hi, hi).
+
+    Query i at p = i + Nk - Nq sees keys [p - left, p + right]: the block's first query
+    bounds the right edge of what all see, its last the left edge (FlashAttention-2,
+    section 3.1.1: blocks outside are skipped)."""
+    first_pos = q_start + n_k - n_q
+    last_pos = first_pos + BLOCK_M - 1
+    lo = 0
+    all_lo = 0
+    hi = n_k
+    all_hi = n_k
+    if WINDOW_LEFT:
+        lo = tl.maximum(first_pos - window_left, 0)
+        all_lo = last_pos - window_left
+    if WINDOW_RIGHT:
+        hi = tl.minimum(tl.maximum(last_pos + window_right + 1, 0), n_k)
+        all_hi = tl.minimum(tl.maximum(first_pos + window_right + 1, 0), n_k)
+    return lo, all_lo, all_hi, hi
+
+
+@triton.jit
+def query_range(k_start, n_q, n_k, window_left, window_right, BLOCK_N: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Queries that see some key of [k_start, k_start + BLOCK_N): (lo, all_lo, all_hi, hi).
+
+    Key j is seen by the queries at positions [j - right, j + left], i.e. rows
+    i = position - (Nk - Nq). [all_lo, all_hi) see every key of the block."""
+    offset = n_k - n_q
+    lo = 0
+    all_lo = 0
+    hi = n_q
+    all_hi = n_q
+    if WINDOW_RIGHT:
+        lo = tl.minimum(tl.maximum(k_start - window_right - offset, 0), n_q)
+        all_lo = k_start + BLOCK_N - 1 - window_right - offset
+    if WINDOW_LEFT:
+        hi = tl.minimum(tl.maximum(k_start + BLOCK_N - 1 + window_left - offset + 1, 0), n_q)
+        all_hi = tl.minimum(tl.maximum(k_start + window_left - offset + 1, 0), n_q)
+    return lo, all_lo, all_hi, hi
+
+
+@triton.jit
+def is_visible(query, key, n_q, n_k, window_left, window_right,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Bool tile: key index `key` exists and query `query` sees it under the window.
 
     `query` and `key` are index tensors that broadcast to the tile's shape, so the same
     helper serves query-major tiles (S) and key-major tiles (S^T) alike."""
     visible = key < n_k
-    if IS_CAUSAL:
-        visible = visible & (key <= query + (n_k - n_q))
+    position = query + (n_k - n_q)
+    if WINDOW_LEFT:
+        visible = visible & (key >= position - window_left)
+    if WINDOW_RIGHT:
+        visible = visible & (key <= position + window_right)
     return visible
+
+
+@triton.jit
+def tanh(x):
+    """tanh as 1 - 2 / (1 + e^{2x}): exact limits +-1 (e^{2x} overflowing to inf gives 1 - 0),
+    no NaN, one exp2 (the interpreter has no tanh of its own)."""
+    return 1.0 - 2.0 / (1.0 + tl.exp2(x * (2.0 * LOG2_E)))
+
+
+@triton.jit
+def scores_in_log2(qk, qk_scale, softcap_log2, SOFTCAP: tl.constexpr):
+    """S in log2 units from q.k, and tanh(scale q.k / c) (what the softcap's derivative needs;
+    q.k itself without a softcap)."""
+    if SOFTCAP:
+        capped = tanh(qk * qk_scale)
+        return capped * softcap_log2, capped
+    return qk * qk_scale, qk
+
+
+@triton.jit
+def softcap_chain(ds, capped, SOFTCAP: tl.constexpr):
+    """dL/d(scale q.k) from dL/dS: times d(c tanh(x / c))/dx = 1 - tanh^2 under a softcap."""
+    if SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return ds
 
 
 @triton.jit

@@ -12,8 +12,8 @@ What makes this v1 rather than v2 (see v2.py):
   a division per block that FlashAttention-2 defers to the end.
 - The backward recomputes P = diag(l)^-1 exp(S - m) from m and l (Algorithm 4, line 13) and
   computes D_i = rowsum(dO_i * O_i) inside its loop (line 19) rather than in a separate pass.
-- No causal block skipping in the loop structure beyond what the mask needs: as in v2 the
-  key range stops at the diagonal, since visiting fully masked blocks would only add zeros.
+- Block skipping as in v2: key blocks outside the causal mask or the window are not
+  visited, since they would only add zeros.
 
 Parallelism: Algorithm 1 is written with the key loop outside and the query loop inside,
 re-reading and re-writing O, m and l in HBM for every key block; its CUDA implementation
@@ -22,14 +22,16 @@ queries with the key loop inside (the loop order FlashAttention-2 adopted), so O
 stay in registers, and the backward runs one program per key block over all query blocks,
 adding into dQ with float32 atomic adds, as FlashAttention-1's released backward does.
 What is compared against v2 is the arithmetic, not the grid.
+
+Features (see _common.py): grouped-query attention, (left, right) windows, softcap, varlen.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotuned, block_of_program, head_dim_args, head_offset, is_visible,
-                      key_range_for_query_block, load_head_tile, load_tile, query_range_for_key_block,
-                      seq_bucket, store_tile, tile_pointers)
+from ._common import (Problem, autotuned, d_contiguous, head_start, is_visible, key_range, load_tile,
+                      program_block, query_range, row_strides, sequence, softcap_chain, split_blocks,
+                      stat_strides, store_tile, tanh, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -37,34 +39,48 @@ from ._common import (autotuned, block_of_program, head_dim_args, head_offset, i
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _forward_key_loop(out, row_max, row_sum, q, K, V, k_head, v_head, queries,
-                      kv_lo, kv_hi, n_q, n_k, scale,
-                      stride_kn, stride_kd, stride_vn, stride_vd,
-                      head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+def natural_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
+    """S = scale q.k, or softcap * tanh(scale q.k / softcap), in natural units (v1 uses exp);
+    also returns the tanh (q.k without a softcap) for the softcap's derivative."""
+    if SOFTCAP:
+        capped = tanh(qk * (scale / softcap))
+        return capped * softcap, capped
+    return qk * scale, qk
+
+
+@triton.jit
+def _forward_key_loop(out, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn,
+                      kv_lo, kv_hi, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                      WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
     """Algorithm 1, lines 8-13, for keys [kv_lo, kv_hi): out stays normalised throughout."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_ptrs = tile_pointers(K, k_head, kv_lo, local_keys, dims, stride_kn, stride_kd)
-    v_ptrs = tile_pointers(V, v_head, kv_lo, local_keys, dims, stride_vn, stride_vd)
-    for kv_start in range(kv_lo, kv_hi, BLOCK_N):
-        keys = kv_start + local_keys
+    k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
+    v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
+    for kv_first in range(kv_lo, kv_hi, BLOCK_N):
+        keys = kv_first + local_keys
         k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
-        scores = tl.dot(q, tl.trans(k)) * scale  # S_ij = tau Q_i K_j^T (line 9)
+        scores, _ = natural_scores(tl.dot(q, tl.trans(k)), scale, softcap, SOFTCAP)  # line 9: S_ij = tau Q_i K_j^T
         if MASKED:
-            scores = tl.where(is_visible(queries[:, None], keys[None, :], n_q, n_k, IS_CAUSAL),
-                              scores, float("-inf"))
+            visible = is_visible(queries[:, None], keys[None, :], n_q, n_k, window_left, window_right,
+                                 WINDOW_LEFT, WINDOW_RIGHT)
+            scores = tl.where(visible, scores, float("-inf"))
         # Line 10: m~ = rowmax(S), P~ = exp(S - m~), l~ = rowsum(P~).
         block_max = tl.max(scores, 1)
+        new_max = tl.maximum(row_max, block_max)
+        block_shift = block_max
+        shift = new_max
         if MASKED:
-            # Rows with no visible key in this block: keep exp(-inf - (-inf)) from being NaN.
-            block_max = tl.where(block_max == float("-inf"), 0.0, block_max)
-        p = tl.exp(scores - block_max[:, None])
+            # Rows with no visible key in this block (or yet) keep m = -inf; shifting by 0
+            # instead keeps exp(-inf - (-inf)) from being NaN, and their weights are 0.
+            block_shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp(scores - block_shift[:, None])
         block_sum = tl.sum(p, 1)
         # Line 11: m_new = max(m, m~), l_new = e^{m - m_new} l + e^{m~ - m_new} l~.
-        new_max = tl.maximum(row_max, block_max)
-        old_weight = tl.exp(row_max - new_max) * row_sum
-        block_weight = tl.exp(block_max - new_max)
+        old_weight = tl.exp(row_max - shift) * row_sum
+        block_weight = tl.exp(block_max - shift)
         new_sum = old_weight + block_weight * block_sum
         # Line 12: O = diag(l_new)^-1 (diag(l) e^{m - m_new} O + e^{m~ - m_new} P~ V).
         v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
@@ -81,42 +97,56 @@ def _forward_key_loop(out, row_max, row_sum, q, K, V, k_head, v_head, queries,
 
 @autotuned("forward")
 @triton.jit
-def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
-                       stride_qb, stride_qh, stride_qn, stride_qd,
-                       stride_kb, stride_kh, stride_kn, stride_kd,
-                       stride_vb, stride_vh, stride_vn, stride_vd,
-                       stride_ob, stride_oh, stride_on, stride_od,
-                       n_heads, n_q, n_k, scale, q_bucket, k_bucket,
-                       head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM, CU_SEQLENS_Q, CU_SEQLENS_K,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+                       q_heads, group, n_q, n_k, head_dim, scale, softcap, window_left, window_right,
+                       q_bucket, k_bucket,
+                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr,
+                       WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh, q_start = block_of_program(n_q, BLOCK_M, IS_CAUSAL)
+    batch, head, q_first = program_block(q_heads, n_q, BLOCK_M, WINDOW_RIGHT)
+    q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
+    if q_first >= n_q:
+        return
+    kv_head = head // group
     local_queries = tl.arange(0, BLOCK_M)
-    queries = q_start + local_queries
+    queries = q_first + local_queries
     dims = tl.arange(0, BLOCK_D)
-    q = load_head_tile(Q, bh, n_heads, stride_qb, stride_qh, stride_qn, stride_qd,
-                       q_start, local_queries, n_q, dims, head_dim, EVEN_D)
-
+    q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
+    k_start = head_start(K, batch, kv_head, k_row0, stride_kb, stride_kh, stride_kn)
+    v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
+    q = load_tile(tile_pointers(q_start, q_first, local_queries, dims, stride_qn), queries, n_q, dims, head_dim,
+                  EVEN_D, True)
     # Line 2: O = 0, l = 0, m = -inf.
     out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_head = head_offset(bh, n_heads, stride_kb, stride_kh)
-    v_head = head_offset(bh, n_heads, stride_vb, stride_vh)
-    unmasked_end, kv_end = key_range_for_query_block(q_start, n_q, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
+                                       WINDOW_LEFT, WINDOW_RIGHT)
+    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_N)
+    if WINDOW_LEFT:
+        out, row_max, row_sum = _forward_key_loop(
+            out, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, start, first_full,
+            n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+            BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     out, row_max, row_sum = _forward_key_loop(
-        out, row_max, row_sum, q, K, V, k_head, v_head, queries, 0, unmasked_end, n_q, n_k, scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, False)
+        out, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, first_full, end_full,
+        n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+        BLOCK_D, EVEN_D, BLOCK_N, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     out, row_max, row_sum = _forward_key_loop(
-        out, row_max, row_sum, q, K, V, k_head, v_head, queries, unmasked_end, kv_end, n_q, n_k, scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, head_dim, BLOCK_D, EVEN_D, BLOCK_N, IS_CAUSAL, True)
+        out, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, end_full, hi,
+        n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+        BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
 
-    store_tile(tile_pointers(O, head_offset(bh, n_heads, stride_ob, stride_oh), q_start,
-                             local_queries, dims, stride_on, stride_od),
-               out.to(O.dtype.element_ty), queries, n_q, dims, head_dim, EVEN_D)
+    o_start = head_start(O, batch, head, q_row0, stride_ob, stride_oh, stride_on)
+    store_tile(tile_pointers(o_start, q_first, local_queries, dims, stride_on), out.to(O.dtype.element_ty),
+               queries, n_q, dims, head_dim, EVEN_D)
     # A row that saw no key keeps m = -inf and l = 0 (and O = 0).
-    stats = bh.to(tl.int64) * n_q + queries
-    tl.store(ROW_MAX + stats, row_max, mask=queries < n_q)
-    tl.store(ROW_SUM + stats, row_sum, mask=queries < n_q)
+    in_sequence = queries < n_q
+    tl.store(head_start(ROW_MAX, batch, head, q_row0, stride_lb, stride_lh, 1) + queries, row_max, mask=in_sequence)
+    tl.store(head_start(ROW_SUM, batch, head, q_row0, stride_lb, stride_lh, 1) + queries, row_sum, mask=in_sequence)
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,41 +154,42 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM,
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCUM,
-                         bh, q_head, o_head, do_head, q_lo, q_hi, n_q, n_k, scale,
-                         stride_qn, stride_qd, stride_on, stride_od, stride_don, stride_dod,
+def _backward_query_loop(dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start,
+                         stride_qn, stride_on, q_lo, q_hi, n_q, n_k, scale, softcap, window_left, window_right,
                          head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """Algorithm 4, lines 8-24, for one key block over queries [q_lo, q_hi), key-major."""
+                         MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                         SOFTCAP: tl.constexpr):
+    """Algorithm 4, lines 8-24, for one key block over queries [q_lo, q_hi), key-major.
+    O, dO and the float32 dQ buffer share stride_on (all contiguous like q)."""
     local_queries = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_ptrs = tile_pointers(Q, q_head, q_lo, local_queries, dims, stride_qn, stride_qd)
-    o_ptrs = tile_pointers(O, o_head, q_lo, local_queries, dims, stride_on, stride_od)
-    do_ptrs = tile_pointers(DO, do_head, q_lo, local_queries, dims, stride_don, stride_dod)
-    dq_ptrs = tile_pointers(DQ_ACCUM, bh.to(tl.int64) * n_q * head_dim, q_lo, local_queries, dims,
-                            head_dim, 1)
-    for q_start in range(q_lo, q_hi, BLOCK_M):
-        queries = q_start + local_queries
+    q_ptrs = tile_pointers(q_start, q_lo, local_queries, dims, stride_qn)
+    o_ptrs = tile_pointers(o_start, q_lo, local_queries, dims, stride_on)
+    do_ptrs = tile_pointers(do_start, q_lo, local_queries, dims, stride_on)
+    dq_ptrs = tile_pointers(dq_start, q_lo, local_queries, dims, stride_on)
+    for q_first in range(q_lo, q_hi, BLOCK_M):
+        queries = q_first + local_queries
         in_sequence = queries < n_q
         q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
         o = load_tile(o_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
         do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
-        row_max = tl.load(ROW_MAX + bh.to(tl.int64) * n_q + queries, mask=in_sequence, other=0.0)
-        row_sum = tl.load(ROW_SUM + bh.to(tl.int64) * n_q + queries, mask=in_sequence, other=0.0)
+        row_max = tl.load(max_start + queries, mask=in_sequence, other=0.0)
+        row_sum = tl.load(sum_start + queries, mask=in_sequence, other=0.0)
         # Rows past the end and rows that saw no key (l = 0, m = -inf) must get P = 0:
         # m = +inf does it, and 1/l is taken as 1 so that 0 * inf never appears.
         row_max = tl.where(row_sum > 0, row_max, float("inf"))
         inv_row_sum = 1.0 / tl.where(row_sum > 0, row_sum, 1.0)
-        scores_t = tl.dot(k, tl.trans(q)) * scale  # S^T = tau K_j Q_i^T (line 11)
+        scores_t, capped_t = natural_scores(tl.dot(k, tl.trans(q)), scale, softcap, SOFTCAP)  # line 11
         if MASKED:
-            scores_t = tl.where(is_visible(queries[None, :], keys[:, None], n_q, n_k, IS_CAUSAL),
-                                scores_t, float("-inf"))
+            visible = is_visible(queries[None, :], keys[:, None], n_q, n_k, window_left, window_right,
+                                 WINDOW_LEFT, WINDOW_RIGHT)
+            scores_t = tl.where(visible, scores_t, float("-inf"))
         # Line 13: P_ij = diag(l_i)^-1 exp(S_ij - m_i), from the saved m and l.
         p_t = tl.exp(scores_t - row_max[None, :]) * inv_row_sum[None, :]
         dv += tl.dot(p_t.to(do.dtype), do)  # line 16: dV_j += P_ij^T dO_i
         dp_t = tl.dot(v, tl.trans(do))  # line 17: dP_ij = dO_i V_j^T
         d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # line 19: D_i = rowsum(dO_i * O_i)
-        ds_t = p_t * (dp_t - d_row[None, :])  # line 20: dS_ij = P_ij * (dP_ij - D_i)
+        ds_t = softcap_chain(p_t * (dp_t - d_row[None, :]), capped_t, SOFTCAP)  # line 20: dS = P * (dP - D)
         # Line 21: dQ_i += tau dS_ij K_j; other key blocks add to the same rows, hence atomics.
         dq_share = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
         tl.atomic_add(dq_ptrs, dq_share, mask=in_sequence[:, None] & (dims[None, :] < head_dim),
@@ -166,103 +197,124 @@ def _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCU
         dk += tl.dot(ds_t.to(q.dtype), q)  # line 22: dK_j += tau dS_ij^T Q_i (tau at the end)
         q_ptrs += BLOCK_M * stride_qn
         o_ptrs += BLOCK_M * stride_on
-        do_ptrs += BLOCK_M * stride_don
-        dq_ptrs += BLOCK_M * head_dim
+        do_ptrs += BLOCK_M * stride_on
+        dq_ptrs += BLOCK_M * stride_on
     return dk, dv
 
 
-@autotuned("backward", owned="BLOCK_N", looped="BLOCK_M", reset_to_zero=["DQ_ACCUM"])
+@autotuned("backward", owned="BLOCK_N", looped="BLOCK_M", reset_to_zero=["DQ"])
 @triton.jit
-def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ_ACCUM,
-                        stride_qb, stride_qh, stride_qn, stride_qd,
-                        stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd,
-                        stride_ob, stride_oh, stride_on, stride_od,
-                        stride_dob, stride_doh, stride_don, stride_dod,
-                        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                        n_heads, n_q, n_k, scale, q_bucket, k_bucket,
-                        head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
+                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                        stride_gb, stride_gh, stride_gn, stride_lb, stride_lh,
+                        kv_heads, group, n_q, n_k, head_dim, scale, softcap, window_left, window_right,
+                        q_bucket, k_bucket,
+                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr,
+                        WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh, k_start = block_of_program(n_k, BLOCK_N, False)
+    """stride_o*: O, dO and dQ (contiguous like q); stride_g*: dK and dV (contiguous like k)."""
+    batch, kv_head, k_first = program_block(kv_heads, n_k, BLOCK_N, False)
+    q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
+    if k_first >= n_k:
+        return
     local_keys = tl.arange(0, BLOCK_N)
-    keys = k_start + local_keys
+    keys = k_first + local_keys
     dims = tl.arange(0, BLOCK_D)
     # Lines 6-7: load K_j, V_j; dK_j = dV_j = 0.
-    k = load_head_tile(K, bh, n_heads, stride_kb, stride_kh, stride_kn, stride_kd,
-                       k_start, local_keys, n_k, dims, head_dim, EVEN_D)
-    v = load_head_tile(V, bh, n_heads, stride_vb, stride_vh, stride_vn, stride_vd,
-                       k_start, local_keys, n_k, dims, head_dim, EVEN_D)
+    k_start = head_start(K, batch, kv_head, k_row0, stride_kb, stride_kh, stride_kn)
+    v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
+    k = load_tile(tile_pointers(k_start, k_first, local_keys, dims, stride_kn), keys, n_k, dims, head_dim,
+                  EVEN_D, True)
+    v = load_tile(tile_pointers(v_start, k_first, local_keys, dims, stride_vn), keys, n_k, dims, head_dim,
+                  EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_head = head_offset(bh, n_heads, stride_qb, stride_qh)
-    o_head = head_offset(bh, n_heads, stride_ob, stride_oh)
-    do_head = head_offset(bh, n_heads, stride_dob, stride_doh)
-    q_lo, masked_end = query_range_for_key_block(k_start, n_q, n_k, BLOCK_N, BLOCK_M, IS_CAUSAL)
-    dk, dv = _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCUM,
-                                  bh, q_head, o_head, do_head, q_lo, masked_end, n_q, n_k, scale,
-                                  stride_qn, stride_qd, stride_on, stride_od, stride_don, stride_dod,
-                                  head_dim, BLOCK_D, EVEN_D, BLOCK_M, IS_CAUSAL, True)
-    dk, dv = _backward_query_loop(dk, dv, k, v, keys, Q, O, DO, ROW_MAX, ROW_SUM, DQ_ACCUM,
-                                  bh, q_head, o_head, do_head, masked_end, n_q, n_q, n_k, scale,
-                                  stride_qn, stride_qd, stride_on, stride_od, stride_don, stride_dod,
-                                  head_dim, BLOCK_D, EVEN_D, BLOCK_M, IS_CAUSAL, False)
+    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
+                                         WINDOW_LEFT, WINDOW_RIGHT)
+    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)
+    for member in range(group):  # each query head that reads this K/V head, in order
+        head = kv_head * group + member
+        q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
+        o_start = head_start(O, batch, head, q_row0, stride_ob, stride_oh, stride_on)
+        do_start = head_start(DO, batch, head, q_row0, stride_ob, stride_oh, stride_on)
+        dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
+        max_start = head_start(ROW_MAX, batch, head, q_row0, stride_lb, stride_lh, 1)
+        sum_start = head_start(ROW_SUM, batch, head, q_row0, stride_lb, stride_lh, 1)
+        if WINDOW_RIGHT:
+            dk, dv = _backward_query_loop(
+                dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start, stride_qn,
+                stride_on, start, first_full, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+                BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        dk, dv = _backward_query_loop(
+            dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start, stride_qn,
+            stride_on, first_full, end_full, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+            BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        dk, dv = _backward_query_loop(
+            dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start, stride_qn,
+            stride_on, end_full, hi, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+            BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dk *= scale
     # Line 24: write dK_j, dV_j.
-    store_tile(tile_pointers(DK, head_offset(bh, n_heads, stride_dkb, stride_dkh), k_start,
-                             local_keys, dims, stride_dkn, stride_dkd),
-               dk.to(DK.dtype.element_ty), keys, n_k, dims, head_dim, EVEN_D)
-    store_tile(tile_pointers(DV, head_offset(bh, n_heads, stride_dvb, stride_dvh), k_start,
-                             local_keys, dims, stride_dvn, stride_dvd),
-               dv.to(DV.dtype.element_ty), keys, n_k, dims, head_dim, EVEN_D)
+    dk_start = head_start(DK, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
+    dv_start = head_start(DV, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
+    store_tile(tile_pointers(dk_start, k_first, local_keys, dims, stride_gn), dk.to(DK.dtype.element_ty), keys,
+               n_k, dims, head_dim, EVEN_D)
+    store_tile(tile_pointers(dv_start, k_first, local_keys, dims, stride_gn), dv.to(DV.dtype.element_ty), keys,
+               n_k, dims, head_dim, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-def v1_forward(q, k, v, causal, scale):
-    """O, and the statistics m (row max) and l (row sum), float32 (B, H, Nq), natural units."""
-    B, H, n_q, D = q.shape
-    n_k = k.shape[2]
-    out = torch.empty_like(q)
-    row_max = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+def v1_arguments(problem: Problem):
+    """v1's scalar kernel arguments: natural-unit scale and softcap instead of v2's log2 ones."""
+    args = problem.kernel_args()
+    del args["qk_scale"], args["softcap_log2"]
+    args["softcap"] = problem.softcap if problem.softcap > 0 else 1.0
+    return args
+
+
+def v1_forward(q, k, v, problem: Problem):
+    """O (contiguous, q's shape), and m (row max) and l (row sum), float32, natural units,
+    laid out like lse (problem.stat_shape)."""
+    q, k, v = d_contiguous(q), d_contiguous(k), d_contiguous(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    row_max = torch.empty(problem.stat_shape(q), device=q.device, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)
-    _v1_forward_kernel[grid](q, k, v, out, row_max, row_sum,
-                             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                             H, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-                             IS_CAUSAL=causal, **head_dim_args(D))
+    _v1_forward_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
+        q, k, v, out, row_max, row_sum, *problem.sequences(q),
+        *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out), *stat_strides(row_max),
+        q_heads=problem.q_heads, **v1_arguments(problem))
     return out, row_max, row_sum
 
 
-def v1_backward(d_out, q, k, v, out, row_max, row_sum, causal, scale):
-    B, H, n_q, D = q.shape
-    n_k = k.shape[2]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq_accum = torch.zeros((B, H, n_q, D), device=q.device, dtype=torch.float32)
-    key_grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * B * H,)
-    _v1_backward_kernel[key_grid](
-        q, k, v, out, d_out, row_max, row_sum, dk, dv, dq_accum,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *d_out.stride(), *dk.stride(), *dv.stride(),
-        H, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        IS_CAUSAL=causal, **head_dim_args(D))
+def v1_backward(d_out, q, k, v, out, row_max, row_sum, problem: Problem):
+    q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    _v1_backward_kernel[problem.grid("k", "BLOCK_N", problem.kv_heads)](
+        q, k, v, out, d_out, row_max, row_sum, dk, dv, dq_accum, *problem.sequences(q),
+        *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *row_strides(dk),
+        *stat_strides(row_max), kv_heads=problem.kv_heads, **v1_arguments(problem))
     return dq_accum.to(q.dtype), dk, dv
 
 
 class FlashAttentionV1Function(torch.autograd.Function):
-    """FlashAttention-1: `FlashAttentionV1Function.apply(q, k, v, causal=False, scale=None)`
-    returns (out, lse), lse = m + log(l) (not differentiable)."""
+    """FlashAttention-1, the registry's contract (flashtile/registry.py); lse = m + log(l) is
+    returned for callers who ask for it (not differentiable); v1 itself keeps m and l."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal=False, scale=None):
-        from ..interface import check_inputs
-
-        scale = check_inputs(q, k, v, causal, scale, "v1", False)
-        out, row_max, row_sum = v1_forward(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                window_left, window_right, softcap):
+        problem = Problem.of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                             window_left, window_right, softcap)
+        out, row_max, row_sum = v1_forward(q, k, v, problem)
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)
-        ctx.causal, ctx.scale = causal, scale
-        # The log-sum-exp for callers who ask for it; v1 itself keeps m and l.
+        ctx.problem = problem
         lse = torch.where(row_sum > 0, row_max + torch.log(row_sum), float("-inf"))
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -270,5 +322,5 @@ class FlashAttentionV1Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, out, row_max, row_sum = ctx.saved_tensors
-        dq, dk, dv = v1_backward(d_out, q, k, v, out, row_max, row_sum, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = v1_backward(d_out, q, k, v, out, row_max, row_sum, ctx.problem)
+        return (dq, dk, dv) + (None,) * 8
