@@ -7,7 +7,7 @@ sm_80 and sm_90 and fits that target's shared memory.
 
 A variant is (kernel, target, head-dim bucket, dtype, feature flags, config). The feature
 flags are the constexprs VARLEN, WINDOW_LEFT, WINDOW_RIGHT (causal is WINDOW_RIGHT with
-right = 0) and SOFTCAP.
+right = 0), SOFTCAP and GROUPED (grouped-query attention; dK/dV kernels only).
 """
 import dataclasses
 import itertools
@@ -34,9 +34,11 @@ KERNELS = {
 FLOAT32_POINTERS = {"LSE", "DELTA", "ROW_MAX", "ROW_SUM"}
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
 FLOAT_SCALARS = {"scale", "qk_scale", "softcap_log2", "softcap"}
-# (VARLEN, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP): plain, causal, sliding window, softcap, varlen causal
-FEATURE_FLAGS = ((False, False, False, False), (False, False, True, False), (False, True, True, False),
-                 (False, False, True, True), (True, False, True, False))
+FLAG_NAMES = ("VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "GROUPED")
+# plain, causal, sliding window with GQA, causal softcap, varlen causal with GQA
+FEATURE_FLAGS = ((False, False, False, False, False), (False, False, True, False, False),
+                 (False, True, True, False, True), (False, False, True, True, False),
+                 (True, False, True, False, True))
 TARGETS = (75, 80, 90)
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
@@ -47,7 +49,7 @@ class Variant:
     capability: int
     block_d: int
     dtype: str  # "fp16" or "bf16"
-    flags: tuple  # (VARLEN, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    flags: tuple  # the values of FLAG_NAMES
     even_d: bool  # head_dim == block_d: the D masks compiled out
     config: tuple  # (owned block, looped block, num_warps, num_stages)
 
@@ -56,7 +58,7 @@ class Variant:
         return SHARED_MEMORY_LIMIT[self.capability]
 
     def __str__(self):
-        flags = "".join(letter for letter, on in zip("VLRS", self.flags) if on) or "plain"
+        flags = "".join(letter for letter, on in zip("VLRSG", self.flags) if on) or "plain"
         return (f"{self.kernel}-sm{self.capability}-d{self.block_d}-{self.dtype}-{flags}-"
                 f"{'even' if self.even_d else 'odd'}-{'x'.join(map(str, self.config))}")
 
@@ -82,7 +84,7 @@ def _source(variant: Variant):
     kernel, kind, owned, looped, fixed = KERNELS[variant.kernel]
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel  # the JITFunction under autotune
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
-    values = dict(zip(("VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"), variant.flags))
+    values = dict(zip(FLAG_NAMES, variant.flags))
     values.update(fixed, BLOCK_D=variant.block_d, EVEN_D=variant.even_d)
     values[owned] = variant.config[0]
     if looped is not None:

@@ -212,7 +212,7 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS
                         q_bucket, k_bucket,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr,
                         WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """stride_o*: O, dO and dQ (contiguous like q); stride_g*: dK and dV (contiguous like k)."""
     batch, kv_head, k_first = program_block(kv_heads, n_k, BLOCK_N, False)
     q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
@@ -234,7 +234,13 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS
     lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
                                          WINDOW_LEFT, WINDOW_RIGHT)
     start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)
-    for member in range(group):  # each query head that reads this K/V head, in order
+    if not WINDOW_LEFT:
+        # The last, partial query block needs no mask here: its missing rows load as zeros
+        # with L = +inf, so P = 0 for them (load_row_stats).
+        end_full = hi
+    # Without GQA the loop below has one trip, known at compile time, and folds away.
+    members = group if GROUPED else 1
+    for member in range(members):  # each query head that reads this K/V head, in order
         head = kv_head * group + member
         q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
         o_start = head_start(O, batch, head, q_row0, stride_ob, stride_oh, stride_on)
@@ -251,10 +257,11 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS
             dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start, stride_qn,
             stride_on, first_full, end_full, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
             BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-        dk, dv = _backward_query_loop(
-            dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start, stride_qn,
-            stride_on, end_full, hi, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
-            BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        if WINDOW_LEFT:  # query blocks on the window's left edge
+            dk, dv = _backward_query_loop(
+                dk, dv, k, v, keys, q_start, o_start, do_start, dq_start, max_start, sum_start, stride_qn,
+                stride_on, end_full, hi, n_q, n_k, scale, softcap, window_left, window_right, head_dim,
+                BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dk *= scale
     # Line 24: write dK_j, dV_j.
     dk_start = head_start(DK, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
@@ -299,7 +306,7 @@ def v1_backward(d_out, q, k, v, out, row_max, row_sum, problem: Problem):
     _v1_backward_kernel[problem.grid("k", "BLOCK_N", problem.kv_heads)](
         q, k, v, out, d_out, row_max, row_sum, dk, dv, dq_accum, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *row_strides(dk),
-        *stat_strides(row_max), kv_heads=problem.kv_heads, **v1_arguments(problem))
+        *stat_strides(row_max), kv_heads=problem.kv_heads, GROUPED=problem.group > 1, **v1_arguments(problem))
     return dq_accum.to(q.dtype), dk, dv
 
 

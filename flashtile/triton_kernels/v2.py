@@ -232,7 +232,8 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
                     window_left, window_right, q_bucket, k_bucket,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr,
                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ATOMIC_DQ: tl.constexpr):
     """dK, dV of one key block of one K/V head (and with ATOMIC_DQ its share of dQ).
 
     Strides: stride_o* are dO's (and the float32 dQ buffer's: both are contiguous like q),
@@ -256,7 +257,13 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
                                          WINDOW_LEFT, WINDOW_RIGHT)
     start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)
-    for member in range(group):  # line 8, for each query head that reads this K/V head
+    if not WINDOW_LEFT:
+        # The last, partial query block needs no mask here: its missing rows load as zeros
+        # with L = +inf, so P = 0 for them (load_row_stats).
+        end_full = hi
+    # Without GQA the loop below has one trip, known at compile time, and folds away.
+    members = group if GROUPED else 1
+    for member in range(members):  # line 8, for each query head that reads this K/V head
         head = kv_head * group + member
         q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
         do_start = head_start(DO, batch, head, q_row0, stride_ob, stride_oh, stride_on)
@@ -274,11 +281,12 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
             stride_on, first_full, end_full, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
             window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
             ATOMIC_DQ)
-        dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qn, stride_on,
-            stride_on, end_full, hi, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
-            window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-            ATOMIC_DQ)
+        if WINDOW_LEFT:  # query blocks on the window's left edge
+            dk, dv = _dkdv_query_loop(
+                dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qn, stride_on,
+                stride_on, end_full, hi, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
+                window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                ATOMIC_DQ)
     dk *= scale  # dS was taken w.r.t. the scaled scores: dK = scale * dS^T Q
     # Line 18: write dK_j, dV_j.
     dk_start = head_start(DK, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
@@ -401,7 +409,8 @@ def dkdv(q, k, v, d_out, lse, delta, problem: Problem, dq_accum=None):
     _v2_dkdv_kernel[problem.grid("k", "BLOCK_N", problem.kv_heads)](
         q, k, v, d_out, lse, delta, dk, dv, dq_accum if atomic else dk, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *row_strides(dk),
-        *stat_strides(lse), kv_heads=problem.kv_heads, ATOMIC_DQ=atomic, **problem.kernel_args())
+        *stat_strides(lse), kv_heads=problem.kv_heads, GROUPED=problem.group > 1, ATOMIC_DQ=atomic,
+        **problem.kernel_args())
     return dk, dv
 
 
