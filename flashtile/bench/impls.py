@@ -156,11 +156,13 @@ def flex_fn(mask_mod=None, score_mod=None):
                 return _flex_attention(on_gpu)(q, k, v, score_mod=score_mod, block_mask=block_masks.get((n_q, n_k)),
                                                enable_gqa=q.shape[1] != k.shape[1])
 
-        if on_gpu or not torch.is_grad_enabled():
+        if on_gpu:
             return run(q, k, v)
-        # Flex refuses CPU inputs that require grad, even for the forward: run it on the
-        # values, and let only an actual backward fail.
-        return _ForwardOnly.apply(q, k, v, run)
+        # Flex refuses CPU inputs that require grad, even for the forward (and under no_grad):
+        # run it on the values, and let only an actual backward fail.
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _ForwardOnly.apply(q, k, v, run)
+        return run(q.detach(), k.detach(), v.detach())
 
     return flex
 
