@@ -126,7 +126,7 @@ def test_feature_workloads_call_the_api_and_measure_every_contender(stand_in_fla
     assert list(by_workload) == ["gqa", "window", "softcap", "varlen"]
     for workload, mine in by_workload.items():
         v2 = next(r for r in mine if r["impl"] == "v2")
-        assert "error" not in v2 and v2["fwd_tflops"] > 0 and v2["fwd_bwd_tflops"] > 0, v2
+        assert "error" not in v2 and v2["fwd_tflops"] > 0 and v2["fwd_bwd_tflops"] > 0 and v2["fwd_mib"] > 0, v2
         assert any(r["impl"] == "flex" for r in mine), workload  # forward only on the CPU
     assert [r["impl"] for r in by_workload["gqa"]] == ["v2", "sdpa_flash", "flex"]
     assert [r["impl"] for r in by_workload["varlen"]] == ["v2", "sdpa_flash", "flex"]
@@ -154,7 +154,8 @@ def test_a_failing_contender_is_recorded_and_the_run_goes_on(monkeypatch):
     real = impls.attention_fn
     monkeypatch.setattr(grid, "attention_fn",
                         lambda name, *args, **kw: out_of_memory if name == "naive" else real(name, *args, **kw))
-    rows = [grid.speed_row(name, 1, 1, 8, 16, False, torch.float16, "cpu", cpu_reps=1) for name in ("sdpa_flash", "naive")]
+    rows = [grid.speed_row(name, 1, 1, 8, 16, False, torch.float16, "cpu", cpu_reps=1)
+            for name in ("sdpa_flash", "naive")]
     assert rows[1]["error"] == "OOM" and "fwd_ms" in rows[0]
     assert grid.memory_row("naive", 1, 1, 8, 16, False, torch.float16, "cpu")["error"] == "OOM"
     table = report.speed_table(rows)
@@ -163,7 +164,7 @@ def test_a_failing_contender_is_recorded_and_the_run_goes_on(monkeypatch):
     partial = dict(impl="flex", workload="gqa", shape="s", dtype="float16", fwd_ms=2.0, fwd_tflops=1.5,
                    fwd_bwd_error="Unsupported: no backward here")
     text = report.feature_tables([partial])
-    assert "| flex | 1.5 / n.a. | 2 / n.a. | n.a. |" in text
+    assert "| flex | 1.5 / n.a. | 2 / n.a. | n.a. | n.a. |" in text
     assert report.errors_in([partial]) == ["- flex: Unsupported: no backward here"]
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -37,8 +38,12 @@ GRIDS = {
 def describe_grid(mode):
     g = GRIDS[mode]
     join = lambda xs: ",".join(map(str, xs))  # noqa: E731
-    return (f"speed and memory at N {join(g['seqs'])}, D {join(g['head_dims'])}; stability at N "
-            f"{join(g['stability_seqs'])}; features and window sweep at {g['features'].describe()}")
+    return (f"speed/memory N {join(g['seqs'])} D {join(g['head_dims'])}; stability N {join(g['stability_seqs'])}; "
+            f"features/window sweep {g['features'].describe()}")
+
+
+CPU_MODE = ("Triton's interpreter and PyTorch on the host, speed/memory at B 1 H 2, FlexAttention uncompiled "
+            "and forward only; figures that say nothing of GPU speed")
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,34 +77,35 @@ def positive_int(text):
 
 def parse_args(argv):
     parser = Parser(prog="flashtile-bench", description=sys.modules["flashtile.bench"].__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=f"grids without --quick: on a GPU, {describe_grid('gpu')}; without a GPU ({CPU_MODE}), "
+                    f"{describe_grid('cpu')}. Speed runs B = tokens / N, H = model dim / D on a GPU.")
     parser.add_argument("--parts", type=comma_list(PARTS), default=list(PARTS),
                         help=f"which measurements, from {','.join(PARTS)} (default: all)")
     parser.add_argument("--impls", type=comma_list(ALL_IMPLS), default=None,
                         help=f"contenders, from {','.join(ALL_IMPLS)} (default: all that can run here)")
     parser.add_argument("--dtypes", type=comma_list(tuple(DTYPES)), default=["fp16"], help="fp16, bf16 or fp16,bf16")
     parser.add_argument("--seqs", type=comma_list(item=int), default=None,
-                        help=f"sequence lengths (default {','.join(map(str, GRIDS['gpu']['seqs']))})")
-    parser.add_argument("--head-dims", type=comma_list(item=int), default=None, help="default 64,128")
+                        help="sequence lengths of speed and memory (default: the grid's)")
+    parser.add_argument("--head-dims", type=comma_list(item=int), default=None, help="head dims (default: the grid's)")
     parser.add_argument("--causal", type=comma_list(("0", "1")), default=["0", "1"], help="0, 1 or 0,1")
     parser.add_argument("--tokens", type=positive_int, default=16384, help="B * N of the speed grid on the GPU")
     parser.add_argument("--model-dim", type=positive_int, default=2048,
                         help="H * D of the speed and memory grids on the GPU")
     parser.add_argument("--stability-seqs", type=comma_list(item=int), default=None,
-                        help="sequence lengths of the stability table (default "
-                        f"{','.join(map(str, GRIDS['gpu']['stability_seqs']))}; float64 needs B H N^2 * 8 bytes a matrix)")
+                        help="sequence lengths of the stability table (default: the grid's; float64 needs "
+                        "B H N^2 * 8 bytes a matrix)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"a small grid. On a GPU: {describe_grid('gpu_quick')}. Without a GPU (Triton's CPU "
-                        f"interpreter and PyTorch on the host, figures that say nothing of GPU speed; FlexAttention "
-                        f"uncompiled and forward only): {describe_grid('cpu_quick')}. Without --quick: on a GPU "
-                        f"{describe_grid('gpu')}; on the CPU {describe_grid('cpu')}")
+                        help=f"a small grid. On a GPU: {describe_grid('gpu_quick')}. Without a GPU ({CPU_MODE}): "
+                        f"{describe_grid('cpu_quick')}")
     parser.add_argument("--out", default=None,
-                        help="directory for bench.json, report.md and the plots (default results_tmp/bench-<date-time>, "
-                        "git-ignored)")
+                        help="directory for bench.json, report.md and the plots "
+                        "(default results_tmp/bench-<date-time>, git-ignored)")
     parser.add_argument("--no-plots", action="store_true", help="JSON and markdown only")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from-json", default=None, metavar="BENCH_JSON",
-                        help="measure nothing: print the report of a bench.json (and with --out, write it and its plots)")
+                        help="measure nothing: print the report of a bench.json "
+                        "(and with --out, write it and its plots)")
     args = parser.parse_args(argv)
     if args.from_json and not os.path.isfile(args.from_json):
         parser.error(f"argument --from-json: no such file {args.from_json!r}")
@@ -133,48 +139,52 @@ class Progress:
 
 
 def plan(args, on_gpu):
-    """[(part, description, measure() -> list of rows)] for the chosen parts and grid."""
+    """([(part, description, measure)], settings): measure() gives a row or a list of rows."""
     device = "cuda" if on_gpu else "cpu"
     mode = ("gpu" if on_gpu else "cpu") + ("_quick" if args.quick else "")
     sizes = GRIDS[mode]
     seqs, head_dims = args.seqs or sizes["seqs"], args.head_dims or sizes["head_dims"]
     stability_seqs = args.stability_seqs or sizes["stability_seqs"]
+    feature_sizes = sizes["features"]
     causals = [c == "1" for c in args.causal]
     dtypes = [DTYPES[name] for name in args.dtypes]
     impls = args.impls or default_impls(on_gpu)
     cpu_reps = 1 if args.quick else 3
-    speed_shape = (lambda n, d: (max(1, args.tokens // n), max(1, args.model_dim // d))) if on_gpu else (lambda n, d: (1, 2))
-    heads = (lambda d: max(1, args.model_dim // d)) if on_gpu else (lambda d: 2)
+
+    def heads(head_dim):
+        return max(1, args.model_dim // head_dim) if on_gpu else 2
+
+    def speed_batch(n):
+        return max(1, args.tokens // n) if on_gpu else 1
+
     cases = [(dt, d, c) for dt in dtypes for d in head_dims for c in causals]
     steps = []
     for part in args.parts:
         if part == "speed":
             steps += [(part, f"{dt} D={d} causal={int(c)} N={n} {name}",
-                       lambda dt=dt, d=d, c=c, n=n, name=name:
-                       [grid.speed_row(name, *speed_shape(n, d), n, d, c, dt, device, cpu_reps)])
+                       partial(grid.speed_row, name, speed_batch(n), heads(d), n, d, c, dt, device, cpu_reps))
                       for dt, d, c in cases for n in seqs for name in impls]
         elif part == "memory":
             steps += [(part, f"{dt} D={d} causal={int(c)} N={n} {name}",
-                       lambda dt=dt, d=d, c=c, n=n, name=name: [grid.memory_row(name, 1, heads(d), n, d, c, dt, device)])
+                       partial(grid.memory_row, name, 1, heads(d), n, d, c, dt, device))
                       for dt, d, c in cases for n in seqs for name in impls]
         elif part == "stability":
             steps += [(part, f"{dt} D={d} causal={int(c)} N={n}",
-                       lambda dt=dt, d=d, c=c, n=n: grid.stability_rows(impls, 1, 4 if on_gpu else 2, n, d, c, dt, device))
+                       partial(grid.stability_rows, impls, 1, 4 if on_gpu else 2, n, d, c, dt, device))
                       for dt, d, c in cases for n in stability_seqs]
         elif part == "features":
             for dt in dtypes:
-                steps += [(part, f"{dt} {w.name}", lambda w=w, dt=dt: features.workload_rows(w, impls, dt, device, cpu_reps))
-                          for w in features.workloads(sizes["features"])]
+                steps += [(part, f"{dt} {w.name}", partial(features.workload_rows, w, impls, dt, device, cpu_reps))
+                          for w in features.workloads(feature_sizes)]
                 steps.append((part, f"{dt} varlen",
-                              lambda dt=dt: features.varlen_rows(sizes["features"], impls, dt, device, cpu_reps)))
+                              partial(features.varlen_rows, feature_sizes, impls, dt, device, cpu_reps)))
         elif part == "window_sweep":
-            steps += [(part, f"{dt} window sweep",
-                       lambda dt=dt: features.window_sweep_rows(sizes["features"], impls, dt, device, cpu_reps))
+            steps += [(part, f"{dt}", partial(features.window_sweep_rows, feature_sizes, impls, dt, device, cpu_reps))
                       for dt in dtypes]
     settings = dict(mode=mode, parts=args.parts, impls=impls, dtypes=args.dtypes, seqs=list(seqs),
                     head_dims=list(head_dims), causal=causals, stability_seqs=list(stability_seqs),
-                    features=dataclasses.asdict(sizes["features"]),
-                    tokens=args.tokens, model_dim=args.model_dim, quick=args.quick)
+                    features=dataclasses.asdict(feature_sizes), tokens=args.tokens, model_dim=args.model_dim,
+                    quick=args.quick)
     return steps, settings
 
 
@@ -197,7 +207,8 @@ def main(argv=None):
     results = {part: [] for part in PARTS}
     progress = Progress(len(steps), not args.no_progress)
     for part, description, measure in steps:
-        results[part] += measure()
+        rows = measure()
+        results[part] += rows if isinstance(rows, list) else [rows]
         progress.step(f"{part} {description}")
         report.save_json(out_dir, env, settings, results)
     progress.close()

@@ -12,6 +12,7 @@ same work, measured in the same run:
   (per-sequence causal; the padding costs SDPA time but not FLOPs) and FlexAttention on the
   packed batch with a document mask.
 
+Each row also has the peak memory of one forward (no grad) beyond the inputs.
 TFLOP/s always count the workload's useful work (attention_flops over the visible keys, real
 tokens only), whoever computes it, so that the numbers compare the time to do one job.
 
@@ -24,7 +25,7 @@ import torch
 
 from ..registry import IMPLEMENTATIONS
 from .impls import attention_fn, flex_fn
-from .measure import failure, measure_speed, packed_flops, random_inputs, workload_flops
+from .measure import failure, measure_speed, packed_flops, peak_extra_mib, random_inputs, workload_flops
 
 SOFTCAP = 50.0
 
@@ -40,8 +41,8 @@ class FeatureSizes:
     softcap_batch: int = 4
 
     def describe(self):
-        return (f"N {self.n}, D {self.head_dim}, H {self.heads} (GQA {self.gqa_heads[0]}/{self.gqa_heads[1]}), "
-                f"window {self.window}, softcap at N {self.n // 4} B {self.softcap_batch}")
+        return (f"N {self.n} D {self.head_dim} H {self.heads} (GQA {self.gqa_heads[0]}/{self.gqa_heads[1]}) "
+                f"window {self.window}, softcap N {self.n // 4} B {self.softcap_batch}")
 
     def varlen_lengths(self):
         """Seven sequences summing to n: six of n/16 tokens and one 10x longer."""
@@ -100,11 +101,23 @@ def workload_rows(workload, impls, dtype, device, cpu_reps=3):
         options = dict(dict(causal=w.causal, window_size=w.window_size, softcap=w.softcap), **overrides)
         try:
             inputs, d_out = random_inputs(w.batch, w.heads_q, w.n, w.head_dim, dtype, device, heads_kv=w.heads_kv)
-            row.update(measure_speed(attention_fn(name, **options), inputs, d_out, device, flops, cpu_reps))
+            fn = attention_fn(name, **options)
+            row.update(measure_speed(fn, inputs, d_out, device, flops, cpu_reps))
+            if "fwd_ms" in row:  # e.g. GQA's forward must take no more memory than MHA's: no K/V copy
+                row["fwd_mib"] = forward_peak_mib(fn, inputs, device)
         except Exception as error:  # noqa: BLE001 - e.g. the inputs do not fit
             row["error"] = failure(error)
         rows.append(row)
     return rows
+
+
+def forward_peak_mib(fn, inputs, device):
+    """Peak MiB one forward (no grad) allocates beyond its inputs."""
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return peak_extra_mib(forward, device)
 
 
 def varlen_rows(sizes, impls, dtype, device, cpu_reps=3):
@@ -151,6 +164,8 @@ def varlen_rows(sizes, impls, dtype, device, cpu_reps=3):
             else:
                 inputs, d_out = random_inputs(len(lengths), heads, longest, head_dim, dtype, device)
             row.update(measure_speed(fn, inputs, d_out, device, flops, cpu_reps))
+            if "fwd_ms" in row:
+                row["fwd_mib"] = forward_peak_mib(fn, inputs, device)
         except Exception as error:  # noqa: BLE001
             row["error"] = failure(error)
         rows.append(row)

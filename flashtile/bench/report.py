@@ -121,7 +121,8 @@ def stability_table(rows):
         cells = ([("OOM" if r["error"] == "OOM" else "n.a.")] * 4 if "error" in r
                  else [f"{r[key]:.1e}" for key in QUANTITIES])
         name = f"*{r['impl']}*" if r["impl"] == TORCH_SAME_PRECISION else r["impl"]
-        lines.append(f"| {r['dtype']} | {r['D']} | {int(r['causal'])} | {r['N']} | {name} | " + " | ".join(cells) + " |")
+        case = f"| {r['dtype']} | {r['D']} | {int(r['causal'])} | {r['N']} | {name} | "
+        lines.append(case + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -130,14 +131,17 @@ def contender(row):
 
 
 def feature_tables(rows):
-    """One table per workload: a line per contender, TFLOP/s, ms and first-call cost."""
+    """One table per workload: a line per contender, TFLOP/s, ms, first-call cost and the
+    forward's peak memory beyond the inputs."""
     lines = []
     for workload in dict.fromkeys(r["workload"] for r in rows):
         mine = [r for r in rows if r["workload"] == workload]
         lines += [f"**{workload}** ({mine[0]['dtype']}; {mine[0]['shape']})", "",
-                  "| contender | TFLOP/s fwd / fwd+bwd | ms fwd / fwd+bwd | first call, s |", "|---|---|---|---|"]
+                  "| contender | TFLOP/s fwd / fwd+bwd | ms fwd / fwd+bwd | first call, s | fwd peak MiB |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {contender(r)} | {pair(r, 'fwd_tflops', 'fwd_bwd_tflops')} | {pair(r, 'fwd_ms', 'fwd_bwd_ms')} "
-                  f"| {value(r, 'first_call_ms', 'fwd_bwd_error', 1e-3)} |" for r in mine]
+                  f"| {value(r, 'first_call_ms', 'fwd_bwd_error', 1e-3)} | {value(r, 'fwd_mib', 'fwd_error')} |"
+                  for r in mine]
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -172,7 +176,8 @@ def markdown(results, env):
     if speed:
         r = speed[0]
         same_tokens = len({x["B"] * x["N"] for x in speed}) == 1
-        shape = f"B = {r['B'] * r['N']} / N, H = {r['H'] * r['D']} / D" if same_tokens else f"B = {r['B']}, H = {r['H']}"
+        shape = (f"B = {r['B'] * r['N']} / N, H = {r['H'] * r['D']} / D" if same_tokens
+                 else f"B = {r['B']}, H = {r['H']}")
         lines += ["", f"### Forward / forward+backward TFLOP/s ({shape})", "", speed_table(speed),
                   "", "### Forward / forward+backward latency, ms", "", latency_table(speed),
                   "", "### First forward+backward on a new shape (compilation and autotuning; a kernel already in "
