@@ -96,14 +96,18 @@ def _sdpa_fn(backend_name, causal, window_size, softcap):
     return sdpa
 
 
+@functools.lru_cache(maxsize=None)
 def window_mask_mod(causal, window_size):
     """FlexAttention's mask_mod for flashtile's (left, right) window (causal is right = 0),
     bottom-right aligned: query i at p = i + Nk - Nq sees key j iff p - left <= j <= p + right.
-    Returns (n_q, n_k) -> mask_mod, or None when every key is visible."""
+    Returns (n_q, n_k) -> mask_mod, or None when every key is visible. Both cached: the same
+    function objects for the same work, so that the compiled flex_attention is reused across
+    parts instead of compiled again for a new closure."""
     left, right = (window_size[0], 0) if causal else window_size
     if (left, right) == (-1, -1):
         return None
 
+    @functools.lru_cache(maxsize=None)
     def for_shape(n_q, n_k):
         def mask_mod(b, h, q_idx, kv_idx):
             position = q_idx + (n_k - n_q)
@@ -140,20 +144,15 @@ def _flex_attention(compiled):
 def flex_fn(mask_mod=None, score_mod=None):
     """f(q, k, v) -> out by FlexAttention. mask_mod: (n_q, n_k) -> mask_mod, or None.
     The block mask is made on the first call of each shape and reused (not timed after that)."""
-    block_masks = {}
-
     def flex(q, k, v):
-        from torch.nn.attention.flex_attention import create_block_mask
-
         n_q, n_k = q.shape[-2], k.shape[-2]
-        if mask_mod is not None and (n_q, n_k) not in block_masks:
-            block_masks[n_q, n_k] = create_block_mask(mask_mod(n_q, n_k), None, None, n_q, n_k, device=q.device)
+        block_mask = None if mask_mod is None else _block_mask(mask_mod, n_q, n_k, q.device)
         on_gpu = q.device.type == "cuda"
 
         def run(q, k, v):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # flex's warning that it runs uncompiled (the CPU, on purpose)
-                return _flex_attention(on_gpu)(q, k, v, score_mod=score_mod, block_mask=block_masks.get((n_q, n_k)),
+                return _flex_attention(on_gpu)(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                                enable_gqa=q.shape[1] != k.shape[1])
 
         if on_gpu:
@@ -165,6 +164,13 @@ def flex_fn(mask_mod=None, score_mod=None):
         return run(q.detach(), k.detach(), v.detach())
 
     return flex
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(mask_mod, n_q, n_k, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod(n_q, n_k), None, None, n_q, n_k, device=device)
 
 
 class _ForwardOnly(torch.autograd.Function):

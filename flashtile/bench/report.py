@@ -105,6 +105,8 @@ def first_call_table(rows):
     """The first forward+backward on a new shape (compilation and autotuning) in seconds,
     beside the steady-state forward+backward in ms."""
     def cell(r):
+        if "first_call_ms" not in r and "fwd_bwd_ms" not in r:
+            return value(r, "fwd_bwd_ms", "fwd_bwd_error")
         return f"{value(r, 'first_call_ms', 'fwd_bwd_error', 1e-3)} s / {value(r, 'fwd_bwd_ms', 'fwd_bwd_error')} ms"
 
     return grid_table(rows, cell)
@@ -161,6 +163,19 @@ def errors_in(rows):
     return [f"- {', '.join(names)}: {error}" for error, names in who.items()]
 
 
+def grid_shape(rows):
+    """"B = 16384 / N, H = 2048 / D" where the grid keeps tokens or model dim fixed, else the values."""
+    def one(name, per, product):
+        values = {r[name] for r in rows}
+        if len(values) == 1:
+            return f"{name} = {values.pop()}"
+        return f"{name} = {rows[0][name] * rows[0][per]} / {per}" if product else f"{name} = {sorted(values)}"
+
+    same_tokens = len({r["B"] * r["N"] for r in rows}) == 1
+    same_model_dim = len({r["H"] * r["D"] for r in rows}) == 1
+    return f"{one('B', 'N', same_tokens)}, {one('H', 'D', same_model_dim)}"
+
+
 def markdown(results, env):
     """The whole report as markdown."""
     on_gpu = env["device"] == "cuda"
@@ -174,19 +189,14 @@ def markdown(results, env):
     speed, memory, stability = results.get("speed", []), results.get("memory", []), results.get("stability", [])
     features, sweep = results.get("features", []), results.get("window_sweep", [])
     if speed:
-        r = speed[0]
-        same_tokens = len({x["B"] * x["N"] for x in speed}) == 1
-        shape = (f"B = {r['B'] * r['N']} / N, H = {r['H'] * r['D']} / D" if same_tokens
-                 else f"B = {r['B']}, H = {r['H']}")
-        lines += ["", f"### Forward / forward+backward TFLOP/s ({shape})", "", speed_table(speed),
+        lines += ["", f"### Forward / forward+backward TFLOP/s ({grid_shape(speed)})", "", speed_table(speed),
                   "", "### Forward / forward+backward latency, ms", "", latency_table(speed),
                   "", "### First forward+backward on a new shape (compilation and autotuning; a kernel already in "
                   "Triton's on-disk cache is only loaded) / steady-state forward+backward", "",
                   first_call_table(speed)]
     if memory:
-        r = memory[0]
         lines += ["", "### Peak memory beyond q, k, v, dO: forward (no grad) / forward+backward, MiB "
-                  f"(B = {r['B']}, H = {r['H'] * r['D']} / D)", "", memory_table(memory)]
+                  f"({grid_shape(memory)})", "", memory_table(memory)]
     if stability:
         lines += ["", "### max |error| vs float64 of O, dQ, dK, dV "
                   f"(B = 1, H = {stability[0]['H']}; *{TORCH_SAME_PRECISION}* is PyTorch's own computation "
