@@ -1,0 +1,236 @@
+"""The benchmark's report: the environment it ran in, markdown tables, and bench.json.
+
+bench.json holds {"environment", "settings", "rows" (speed), "memory", "stability",
+"features", "window_sweep"}: every measurement, so that the tables and plots can be made
+again from it (`--from-json`).
+"""
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+from ..testing import QUANTITIES
+from .grid import TORCH_SAME_PRECISION
+from .impls import cuda_reference_built
+
+CPU_NOTE = ("NOTE: no CUDA device. These are CPU figures (Triton's interpreter, PyTorch on the host) "
+            "at tiny sizes: they check that the benchmark runs and say nothing about GPU speed.")
+PARTS_IN_JSON = {"speed": "rows", "memory": "memory", "stability": "stability", "features": "features",
+                 "window_sweep": "window_sweep"}
+
+
+def source_commit(where=os.path.dirname(os.path.abspath(__file__))):
+    """The commit of the measured code: FLASHTILE_COMMIT when set, else git's HEAD at `where`,
+    with "+changes" appended when tracked files differ from it (a working tree copied beside
+    an older .git then cannot pass for that commit)."""
+    commit = os.environ.get("FLASHTILE_COMMIT", "")
+    if commit:
+        return commit
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=where)  # noqa: E731
+    try:
+        head = git("rev-parse", "HEAD").stdout.strip()
+        changed = head and git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head + "+changes" if changed else head) or "unknown"
+
+
+def environment(device):
+    import triton
+
+    on_gpu = device == "cuda"
+    return dict(device=device,
+                gpu=torch.cuda.get_device_name() if on_gpu else "none",
+                cpu=platform.processor() or platform.machine(),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version() if on_gpu else None,
+                python=platform.python_version(), commit=source_commit(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                portable=os.environ.get("FLASHTILE_PORTABLE", "0") == "1",
+                autotune=os.environ.get("FLASHTILE_AUTOTUNE", "1") != "0",
+                interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                cuda_reference_built=cuda_reference_built(),
+                note=None if on_gpu else CPU_NOTE)
+
+
+# ---------------------------------------------------------------------------------------
+# Cells and tables
+# ---------------------------------------------------------------------------------------
+
+def number(x):
+    """3 significant digits, no exponent above 1: 364, 12.5, 0.0123."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def value(row, key, error_key=None, scale=1.0):
+    """A measured value formatted, or what stopped it: OOM or n.a. (the notes say why)."""
+    if key in row:
+        return number(row[key] * scale)
+    error = row.get("error") or row.get(error_key or "")
+    return "OOM" if error == "OOM" else "n.a."
+
+
+def pair(row, key_fwd, key_fwd_bwd, scale=1.0):
+    """"forward / forward+backward" of one row."""
+    return f"{value(row, key_fwd, 'fwd_error', scale)} / {value(row, key_fwd_bwd, 'fwd_bwd_error', scale)}"
+
+
+def grid_table(rows, cell, key_names=("dtype", "D", "causal", "N")):
+    """A markdown table: one line per case (key_names), one column per contender."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    cases = list(dict.fromkeys(tuple(r[k] for k in key_names) for r in rows))
+    by_key = {(r["impl"],) + tuple(r[k] for k in key_names): r for r in rows}
+    lines = ["| " + " | ".join(key_names) + " | " + " | ".join(impls) + " |",
+             "|" + "---|" * (len(key_names) + len(impls))]
+    for case in cases:
+        cells = [cell(by_key[(impl,) + case]) if (impl,) + case in by_key else "-" for impl in impls]
+        lines.append("| " + " | ".join(str(int(c) if isinstance(c, bool) else c) for c in case) + " | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speed_table(rows):
+    """Forward / forward+backward TFLOP/s, one line per (dtype, D, causal, N)."""
+    return grid_table(rows, lambda r: pair(r, "fwd_tflops", "fwd_bwd_tflops"))
+
+
+def latency_table(rows):
+    return grid_table(rows, lambda r: pair(r, "fwd_ms", "fwd_bwd_ms"))
+
+
+def first_call_table(rows):
+    """The first forward+backward on a new shape (compilation and autotuning) in seconds,
+    beside the steady-state forward+backward in ms."""
+    def cell(r):
+        if "first_call_ms" not in r and "fwd_bwd_ms" not in r:
+            return value(r, "fwd_bwd_ms", "fwd_bwd_error")
+        return f"{value(r, 'first_call_ms', 'fwd_bwd_error', 1e-3)} s / {value(r, 'fwd_bwd_ms', 'fwd_bwd_error')} ms"
+
+    return grid_table(rows, cell)
+
+
+def memory_table(rows):
+    return grid_table(rows, lambda r: f"{value(r, 'fwd_mib')} / {value(r, 'fwd_bwd_mib')}")
+
+
+def stability_table(rows):
+    """max |error| vs float64 of O, dQ, dK, dV: one line per case and contender."""
+    lines = ["| dtype | D | causal | N | impl | O | dQ | dK | dV |", "|" + "---|" * 9]
+    for r in rows:
+        cells = ([("OOM" if r["error"] == "OOM" else "n.a.")] * 4 if "error" in r
+                 else [f"{r[key]:.1e}" for key in QUANTITIES])
+        name = f"*{r['impl']}*" if r["impl"] == TORCH_SAME_PRECISION else r["impl"]
+        case = f"| {r['dtype']} | {r['D']} | {int(r['causal'])} | {r['N']} | {name} | "
+        lines.append(case + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def contender(row):
+    return row["impl"] + (f" ({row['note']})" if row.get("note") else "")
+
+
+def feature_tables(rows):
+    """One table per workload: a line per contender, TFLOP/s, ms, first-call cost and the
+    forward's peak memory beyond the inputs."""
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == workload]
+        lines += [f"**{workload}** ({mine[0]['dtype']}; {mine[0]['shape']})", "",
+                  "| contender | TFLOP/s fwd / fwd+bwd | ms fwd / fwd+bwd | first call, s | fwd peak MiB |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {contender(r)} | {pair(r, 'fwd_tflops', 'fwd_bwd_tflops')} | {pair(r, 'fwd_ms', 'fwd_bwd_ms')} "
+                  f"| {value(r, 'first_call_ms', 'fwd_bwd_error', 1e-3)} | {value(r, 'fwd_mib', 'fwd_error')} |"
+                  for r in mine]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def window_sweep_table(rows):
+    """ms forward / forward+backward per window width, one column per contender."""
+    return grid_table(rows, lambda r: pair(r, "fwd_ms", "fwd_bwd_ms"), key_names=("dtype", "window"))
+
+
+def errors_in(rows):
+    """The distinct non-OOM errors, so that an n.a. in a table can be looked up."""
+    who = {}  # error -> the contenders it stopped
+    for r in rows:
+        for key in ("error", "fwd_error", "fwd_bwd_error"):
+            if r.get(key) and r[key] != "OOM":
+                who.setdefault(r[key], {}).setdefault(contender(r), None)
+    return [f"- {', '.join(names)}: {error}" for error, names in who.items()]
+
+
+def grid_shape(rows):
+    """"B = 16384 / N, H = 2048 / D" where the grid keeps tokens or model dim fixed, else the values."""
+    def one(name, per, product):
+        values = {r[name] for r in rows}
+        if len(values) == 1:
+            return f"{name} = {values.pop()}"
+        return f"{name} = {rows[0][name] * rows[0][per]} / {per}" if product else f"{name} = {sorted(values)}"
+
+    same_tokens = len({r["B"] * r["N"] for r in rows}) == 1
+    same_model_dim = len({r["H"] * r["D"] for r in rows}) == 1
+    return f"{one('B', 'N', same_tokens)}, {one('H', 'D', same_model_dim)}"
+
+
+def markdown(results, env):
+    """The whole report as markdown."""
+    on_gpu = env["device"] == "cuda"
+    where = env["gpu"] if on_gpu else f"CPU ({env['cpu']}), Triton interpreter"
+    head, plus, changes = env["commit"].partition("+")
+    lines = [f"## flashtile.bench on {where}",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {head[:10] + plus + changes}, "
+             f"{env['date']}"]
+    if env.get("note"):
+        lines.append(env["note"])
+    speed, memory, stability = results.get("speed", []), results.get("memory", []), results.get("stability", [])
+    features, sweep = results.get("features", []), results.get("window_sweep", [])
+    if speed:
+        lines += ["", f"### Forward / forward+backward TFLOP/s ({grid_shape(speed)})", "", speed_table(speed),
+                  "", "### Forward / forward+backward latency, ms", "", latency_table(speed),
+                  "", "### First forward+backward on a new shape (compilation and autotuning; a kernel already in "
+                  "Triton's on-disk cache is only loaded) / steady-state forward+backward", "",
+                  first_call_table(speed)]
+    if memory:
+        lines += ["", "### Peak memory beyond q, k, v, dO: forward (no grad) / forward+backward, MiB "
+                  f"({grid_shape(memory)})", "", memory_table(memory)]
+    if stability:
+        lines += ["", "### max |error| vs float64 of O, dQ, dK, dV "
+                  f"(B = 1, H = {stability[0]['H']}; *{TORCH_SAME_PRECISION}* is PyTorch's own computation "
+                  "in that dtype)", "", stability_table(stability)]
+    if features:
+        lines += ["", "### Features: each workload beside PyTorch's paths for the same work (TFLOP/s count the "
+                  "workload's visible keys and real tokens, for every contender)", "", feature_tables(features)]
+    if sweep:
+        lines += ["", f"### Causal sliding window: ms forward / forward+backward by window width ({sweep[0]['shape']}"
+                  "; a kernel that skips the blocks outside the window costs in proportion to the width)", "",
+                  window_sweep_table(sweep)]
+    notes = errors_in(speed + memory + stability + features + sweep)
+    if notes:
+        lines += ["", "n.a. means:"] + notes
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# bench.json
+# ---------------------------------------------------------------------------------------
+
+def save_json(out_dir, env, settings, results):
+    """Write out_dir/bench.json atomically (called after every point: an interrupted run keeps
+    what it measured)."""
+    path = os.path.join(out_dir, "bench.json")
+    data = dict(environment=env, settings=settings)
+    data.update({key: results.get(part, []) for part, key in PARTS_IN_JSON.items()})
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_json(path):
+    """(results, environment) of a bench.json."""
+    with open(path) as f:
+        data = json.load(f)
+    return {part: data.get(key, []) for part, key in PARTS_IN_JSON.items()}, data["environment"]
