@@ -2,10 +2,13 @@
 // clarity, not speed. The per-row arithmetic is in attention_reference.cuh, shared with
 // the host build (attention_host.cpp).
 //
-// Work split: one block per (batch, head, tile of kRows = 8 queries); warp w of the block
-// owns query row i = q0 + w. The block walks over the keys kTile = 32 at a time; in each
-// step lane j of a warp handles key k0 + j for the score and the softmax, and column
-// d = lane + 32 c of the output accumulator.
+// Work split: one block per (batch, query head, tile of kRows = 8 queries); warp w of the
+// block owns query row i = q0 + w. The block walks over the keys its queries can see
+// (key_range: the window's, causal's, bounds), kTile = 32 at a time, reading the K/V head
+// of its query head's group; in each step lane j of a warp handles key k0 + j for the
+// score and the softmax, and column d = lane + 32 c of the output accumulator. In the
+// varlen layout the grid is sized by the longest sequence, and the blocks past the end of
+// a shorter one have nothing to do.
 //
 // Shared memory (float32, inputs converted when loaded):
 //   q_rows  kRows x D            this block's queries (Alg. 1 line 4: load Q_i)
@@ -26,13 +29,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
   float* q_rows = smem;
   float* kv_tile = smem + kRows * D;
 
-  // This block's (batch, head) and queries q0..q0 + kRows - 1; this warp's query row i.
-  const OwnedRows own = owned_rows(p.n_q, p.heads);
-  const int64_t bh = own.bh, b = own.b, h = own.h, q0 = own.first, i = own.row;
+  // This block's (batch, query head) and queries q0..q0 + kRows - 1 of sequence b; this
+  // warp's query row i (counted from the sequence's start).
+  const OwnedRows own = owned_rows(p.n_q, p.heads_q);
+  const int64_t b = own.b, h = own.h, q0 = own.first, i = own.row;
   const int warp = own.warp, lane = own.lane;
-  const bool row_in_range = i < p.n_q;
+  const Sequence seq = sequence_of(b, p);
+  const int64_t hk = kv_head(h, p);
+  const bool row_in_range = i < seq.n_q;
 
-  load_tile<T>(q_rows, D, a.q, a.q_st, b, h, q0, kRows, p.n_q, D, threadIdx.x, blockDim.x);
+  load_tile<T>(q_rows, D, a.q, a.q_st, b, h, seq.q_start + q0, kRows, seq.q_end, D, threadIdx.x, blockDim.x);
   const float* q_row = q_rows + warp * D;
 
   // Alg. 1 line 5: O~ = 0, l = 0, m = -inf. Every lane holds the same m and l (they are
@@ -41,17 +47,18 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
   float acc[kColsPerLane];
   for (int c = 0; c < kColsPerLane; ++c) acc[c] = 0.0f;
 
-  // Keys past `end` are masked for every query of the block (causal); the bound is the
-  // same for all threads, so the __syncthreads() below are reached by all.
-  const int64_t end = block_key_end(q0, p);
-  for (int64_t k0 = 0; k0 < end; k0 += kTile) {  // Alg. 1 line 6: for j = 1..T_c
+  // Keys outside `keys` are masked for every query of the block: their tiles are skipped.
+  // The range is the same for all threads, so the __syncthreads() below are reached by all.
+  const Range keys = key_range(q0, q0 + kRows - 1, seq, p);
+  for (int64_t k0 = keys.begin; k0 < keys.end; k0 += kTile) {  // Alg. 1 line 6: for j = 1..T_c
     __syncthreads();  // every warp is done with the previous V tile (and q_rows is written)
-    load_tile<T>(kv_tile, pitch, a.k, a.k_st, b, h, k0, kTile, p.n_k, D, threadIdx.x, blockDim.x);
+    load_tile<T>(kv_tile, pitch, a.k, a.k_st, b, hk, seq.k_start + k0, kTile, seq.k_end, D, threadIdx.x,
+                 blockDim.x);
     __syncthreads();
 
     // Line 8: S_ij for this lane's key j.
     const int64_t j = k0 + lane;
-    const float s = score(q_row, kv_tile + lane * pitch, D, row_in_range && visible(i, j, p), p.scale);
+    const float s = score(q_row, kv_tile + lane * pitch, D, visible(i, j, seq, p), p);
     // Lines 9-10: new running max, P~_ij, and l rescaled to the new max plus this tile's sum.
     const float m_new = softmax_new_max(m, warp_max(s));
     const float weight = softmax_weight(s, m_new);
@@ -60,7 +67,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
     m = m_new;
 
     __syncthreads();  // every warp is done with the K tile
-    load_tile<T>(kv_tile, pitch, a.v, a.v_st, b, h, k0, kTile, p.n_k, D, threadIdx.x, blockDim.x);
+    load_tile<T>(kv_tile, pitch, a.v, a.v_st, b, hk, seq.k_start + k0, kTile, seq.k_end, D, threadIdx.x,
+                 blockDim.x);
     __syncthreads();
 
     // Line 10: O~_i = diag(exp(m_old - m_new)) O~_i + P~_i V_j. Lane jj's weight is
@@ -71,14 +79,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs a) 
   if (!row_in_range) return;  // past the last query: nothing to write (no barrier follows)
 
   // Lines 12-13: O_i = diag(l)^-1 O~_i and L_i = m + log(l), written as float32.
-  store_row(a.out + offset(contiguous_strides(p, p.n_q), b, h, i, 0), acc, output_factor(l), D, lane);
-  if (lane == 0) a.lse[bh * p.n_q + i] = log_sum_exp(m, l);
+  const int64_t row = seq.q_start + i;
+  store_row(a.out + q_output_offset(p, b, h, row), acc, output_factor(l), D, lane);
+  if (lane == 0) a.lse[lse_index(p, b, h, row)] = log_sum_exp(m, l);
 }
 
 template <typename T>
 cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   const Problem& p = a.p;
-  const int64_t blocks = p.batch * p.heads * ceil_div(p.n_q, kRows);
+  const int64_t blocks = p.batch * p.heads_q * ceil_div(p.n_q, kRows);
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = sizeof(float) * (size_t(kRows) * p.head_dim + size_t(kTile) * tile_pitch(p.head_dim));

@@ -16,8 +16,8 @@ namespace flashtile_ref {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // The rows this thread's block and warp own. Blocks are numbered along one axis (grid.x):
-// block x takes (batch, head) bh = x / tiles and rows [first, first + kRows), so any B * H
-// fits.
+// block x takes (batch, head) bh = x / tiles and rows [first, first + kRows) (counted from
+// the sequence's start), so any B * H fits.
 struct OwnedRows {
   int64_t bh, b, h;  // (batch, head), flattened and split
   int64_t first;     // the block's first row
@@ -25,7 +25,8 @@ struct OwnedRows {
   int64_t row;       // this warp's row: first + warp (may be past the last row)
 };
 
-// `n_rows` is the length of the owned dimension (Nq or Nk).
+// `n_rows` is the length of the owned dimension (Nq or Nk; varlen: the longest sequence's)
+// and `heads` the number of heads the grid runs over (query heads, or K/V heads for dK/dV).
 __device__ __forceinline__ OwnedRows owned_rows(int64_t n_rows, int64_t heads) {
   const int64_t tiles = ceil_div(n_rows, kRows);
   OwnedRows o;

@@ -2,14 +2,19 @@
 
 FlashAttention-2's forward and backward (Dao 2023, Alg. 1 and 2) in plain CUDA C++, float32
 arithmetic throughout, float32 outputs: its error against float64 is float32 rounding
-(~1e-6 relative), far below the fp16/bf16 kernels'. It is built at install time as the
-extension `flashtile._cuda_reference`: with nvcc and a CUDA build of torch, the CUDA kernels
-plus the host build of the same algorithm; otherwise the host build alone, which runs on
-CPU tensors (the CPU CI machine). Which one is installed: `is_built()`, `built_with_cuda()`.
+(~1e-6 relative), far below the fp16/bf16 kernels'. It has the features of every
+implementation: grouped-query attention (K/V never repeated), a (left, right) window with
+bottom-right alignment (causal is right = 0; tiles outside the window are skipped), a
+softcap, and the varlen layout. It is built at install time as the extension
+`flashtile._cuda_reference`: with nvcc and a CUDA build of torch, the CUDA kernels plus the
+host build of the same algorithm; otherwise the host build alone, which runs on CPU tensors
+(the CPU CI machine). Which one is installed: `is_built()`, `built_with_cuda()`.
 
-`CudaReferenceAttentionFunction.apply(q, k, v, causal=False, scale=None)` returns (out, lse)
-like the Triton implementations: out in the inputs' dtype (the float32 result rounded once),
-lse float32. `forward_float32` / `backward_float32` give the unrounded float32 results.
+`CudaReferenceAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+max_seqlen_k, scale, window_left, window_right, softcap)` returns (out, lse) as the registry
+says (flashtile/registry.py): out in the inputs' dtype (the float32 result rounded once), lse
+float32. `forward_float32` / `backward_float32` / `float32_results` give the unrounded
+float32 results.
 """
 import importlib
 import math
@@ -61,35 +66,70 @@ def _check_device(q):
             "build: torch without CUDA or no nvcc at install time); it runs on CPU tensors only")
 
 
-def forward_float32(q, k, v, causal, scale):
-    """(out, lse), both float32, of the reference; inputs as the bindings check them."""
-    module = extension()
-    _check_device(q)
-    return tuple(module.forward(q, k, v, causal, float(scale)))
+def _max_seqlen(cu_seqlens, max_seqlen):
+    """max_seqlen, or when None the longest sequence of cu_seqlens (one host sync)."""
+    if max_seqlen is not None:
+        return int(max_seqlen)
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
 
 
-def backward_float32(d_out, q, k, v, out, lse, causal, scale):
-    """(dq, dk, dv) float32; `out` and `lse` are forward_float32's (out unrounded)."""
+def _problem(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+             softcap):
+    """The bindings' trailing arguments: cu_seqlens, max_seqlen (varlen only), scale (None:
+    1/sqrt(D)), window sides, softcap, converted to the types the bindings take."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens_q is not None and cu_seqlens_k is not None:
+        max_seqlen_q = _max_seqlen(cu_seqlens_q, max_seqlen_q)
+        max_seqlen_k = _max_seqlen(cu_seqlens_k, max_seqlen_k)
+    else:
+        max_seqlen_q = max_seqlen_k = None  # dense: the lengths are q's and k's
+    return (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), int(window_left),
+            int(window_right), float(softcap))
+
+
+def forward_float32(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                    scale=None, window_left=-1, window_right=-1, softcap=0.0):
+    """(out, lse), both float32, of the reference; inputs as the bindings check them.
+
+    Dense: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D); out (B, Hq, Nq, D), lse (B, Hq, Nq).
+    Varlen (cu_seqlens_* int32 (B + 1,) on q's device): q (total_q, Hq, D), k, v
+    (total_k, Hkv, D); out (total_q, Hq, D), lse (Hq, total_q). max_seqlen_* None: computed.
+    Window sides -1 (unbounded) or >= 0 with causal folded in as right = 0; softcap 0 is off.
+    """
     module = extension()
     _check_device(q)
-    return tuple(module.backward(d_out, q, k, v, out, lse, causal, float(scale)))
+    return tuple(module.forward(q, k, v, *_problem(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                                   window_left, window_right, softcap)))
+
+
+def backward_float32(d_out, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                     max_seqlen_k=None, scale=None, window_left=-1, window_right=-1, softcap=0.0):
+    """(dq, dk, dv) float32 (dk, dv with k's Hkv heads); `out` and `lse` are forward_float32's
+    (out unrounded); the other arguments as forward_float32's."""
+    module = extension()
+    _check_device(q)
+    return tuple(module.backward(d_out, q, k, v, out, lse, *_problem(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                                     max_seqlen_k, scale, window_left, window_right,
+                                                                     softcap)))
 
 
 class CudaReferenceAttentionFunction(torch.autograd.Function):
-    """The CUDA reference: `CudaReferenceAttentionFunction.apply(q, k, v, causal=False,
-    scale=None)` returns (out, lse); lse is not differentiable. Inputs are checked as
-    flashtile.attention checks them for impl="cuda" (fp16, bf16 or fp32; CUDA tensors, or
-    CPU tensors for the host build)."""
+    """The CUDA reference as the registry's Function (flashtile/registry.py):
+    `apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+    window_right, softcap)` returns (out, lse); lse is not differentiable. The inputs are
+    flashtile's interface's, already checked (the bindings check again for their own callers)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal=False, scale=None):
-        from .interface import check_inputs
-
-        scale = check_inputs(q, k, v, causal, scale, "cuda", False)
-        out32, lse = forward_float32(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                window_right, softcap):
+        problem = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                       max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
+                       softcap=softcap)
+        out32, lse = forward_float32(q, k, v, **problem)
         # The backward's D_i = rowsum(dO_i * O_i) uses the float32 O, not the rounded copy.
         ctx.save_for_backward(q, k, v, out32, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.problem = problem
         ctx.mark_non_differentiable(lse)
         return out32.to(q.dtype), lse
 
@@ -98,8 +138,8 @@ class CudaReferenceAttentionFunction(torch.autograd.Function):
         q, k, v, out32, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(q)
-        dq, dk, dv = backward_float32(d_out.to(q.dtype), q, k, v, out32, lse, ctx.causal, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq, dk, dv = backward_float32(d_out.to(q.dtype), q, k, v, out32, lse, **ctx.problem)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,12 +225,15 @@ def reference_problems(results, f64, dtype=torch.float32):
     return problems
 
 
-def float32_results(q, k, v, causal, scale, d_out=None):
-    """The reference's unrounded float32 results as a dict like run_attention's."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = forward_float32(q, k, v, causal, scale)
+def float32_results(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                    scale=None, window_left=-1, window_right=-1, softcap=0.0, d_out=None):
+    """The reference's unrounded float32 results as a dict like run_attention's (the
+    arguments as forward_float32's; the gradients, of sum(out * d_out), when d_out is given)."""
+    problem = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
+                   softcap=softcap)
+    out, lse = forward_float32(q, k, v, **problem)
     result = {"out": out, "lse": lse, "dq": None, "dk": None, "dv": None}
     if d_out is not None:
-        result["dq"], result["dk"], result["dv"] = backward_float32(d_out, q, k, v, out, lse, causal, scale)
+        result["dq"], result["dk"], result["dv"] = backward_float32(d_out, q, k, v, out, lse, **problem)
     return result

@@ -5,6 +5,11 @@ The CPU CI machine has nvcc (13.0) but no GPU and a CPU build of torch, so the e
 installs is the host build; this is where the CUDA kernels are compiled there. Skipped,
 with the reason, where no nvcc is found (neither on PATH nor in $CUDA_HOME/bin or
 /usr/local/cuda/bin).
+
+The host build (cuda_reference/attention_host.cpp, the same header's maths on the CPU) is
+compiled here too, alone and torch-free, with the system C++ compiler and warnings as
+errors: the extension build compiles it beside torch's headers, which hide nothing of it,
+but only with torch's own flags.
 """
 import glob
 import os
@@ -49,3 +54,16 @@ def test_nvcc_compiles(source, arch, tmp_path):
     if os.access(cuobjdump, os.X_OK):
         listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True)
         assert arch in listing.stdout, listing.stdout + listing.stderr
+
+
+CXX = next((c for c in (os.environ.get("CXX"), shutil.which("c++"), shutil.which("g++")) if c), None)
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler found ($CXX, c++, g++)")
+def test_host_build_compiles_alone(tmp_path):
+    obj = tmp_path / "attention_host.o"
+    cmd = [CXX, "-c", "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "cuda_reference/attention_host.cpp",
+           "-o", str(obj)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert obj.stat().st_size > 0
