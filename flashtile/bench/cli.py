@@ -31,7 +31,7 @@ GRIDS = {
     "cpu": dict(seqs=(32, 64, 128), head_dims=(32,), stability_seqs=(32, 64, 128),
                 features=FeatureSizes(128, 16, 2, (8, 1), 32)),
     "cpu_quick": dict(seqs=(16, 32), head_dims=(16,), stability_seqs=(16, 32),
-                      features=FeatureSizes(64, 16, 2, (8, 1), 16)),
+                      features=FeatureSizes(32, 16, 2, (8, 1), 8)),
 }
 
 

@@ -180,8 +180,9 @@ def feature_rows(sizes, impls, dtype, device, cpu_reps=3):
 
 
 def window_widths(n):
-    """Powers of two from n / 64 (at least 8) up to n, n itself (full causal) last."""
-    widths, w = [], max(8, n // 64)
+    """Powers of two from n / 64 (at least 8, and at least n / 4 below 256 keys, where the
+    interpreter runs them) up to n, n itself (full causal) last."""
+    widths, w = [], max(8, n // 64 if n >= 256 else n // 4)
     while w < n:
         widths.append(w)
         w *= 2
