@@ -59,18 +59,6 @@ if TINY:
     print("flashtile asv: no CUDA device, running the tiny CPU grid (Triton on its interpreter)",
           file=sys.stderr)
 
-# The flashtile implementations of the commit under test: the registry's names where it has
-# one, else the names every commit before it had (asv runs this suite on old commits).
-try:
-    from flashtile.registry import IMPLEMENTATIONS as FLASHTILE_IMPLS
-    from flashtile.registry import TRITON_IMPLEMENTATIONS
-    HAS_REGISTRY = True
-except ImportError:
-    FLASHTILE_IMPLS = ("v1", "v2", "v2_atomic", "cuda")
-    TRITON_IMPLEMENTATIONS = ("v1", "v2", "v2_atomic")
-    HAS_REGISTRY = False
-IMPLS = list(FLASHTILE_IMPLS) + ["sdpa_flash", "naive"]
-TIMED_IMPLS = list(FLASHTILE_IMPLS)
 if TINY:
     SEQS, HEAD_DIMS, TOKENS, MODEL_DIM = [32, 64], [16], 64, 32
 else:
@@ -114,6 +102,19 @@ def installed_module(name):
         return False
     package_dir = os.path.dirname(os.path.abspath(flashtile.__file__))
     return os.path.abspath(spec.origin).startswith(package_dir + os.sep)
+
+
+# The flashtile implementations of the commit under test: the registry's names where it has
+# one, else the names every commit before it had (asv runs this suite on old commits).
+HAS_REGISTRY = installed_module("flashtile.registry")
+if HAS_REGISTRY:
+    from flashtile.registry import IMPLEMENTATIONS as FLASHTILE_IMPLS
+    from flashtile.registry import TRITON_IMPLEMENTATIONS
+else:
+    FLASHTILE_IMPLS = ("v1", "v2", "v2_atomic", "cuda")
+    TRITON_IMPLEMENTATIONS = ("v1", "v2", "v2_atomic")
+IMPLS = list(FLASHTILE_IMPLS) + ["sdpa_flash", "naive"]
+TIMED_IMPLS = list(FLASHTILE_IMPLS)
 
 
 def attention_function(impl, causal):
