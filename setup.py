@@ -27,7 +27,7 @@ def reference_extension():
     build time (pip's default build isolation), or if compiling fails, flashtile installs
     without it and compiles it on first use of impl="cuda" (flashtile.cuda_reference).
     FLASHTILE_BUILD_EXTENSION=1 makes a failed or impossible build here an error;
-    FLASHTILE_BUILD_EXTENSION=0 skips it.
+    FLASHTILE_BUILD_EXTENSION=0 skips it (and, set at run time, the build on first use).
     """
     mode = os.environ.get("FLASHTILE_BUILD_EXTENSION", "auto")
     if mode == "0":
