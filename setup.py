@@ -1,19 +1,33 @@
 """flashtile: FlashAttention v1, v2 and v2_atomic in Triton, forward and backward."""
+import importlib.util
 import os
 import sys
 
 from setuptools import find_packages, setup
 
 
+def _load_build_recipe():
+    """flashtile/_extension_build.py (sources and flags, shared with the build on first use),
+    loaded by its path: importing the flashtile package would import torch and triton."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "flashtile_extension_build", os.path.join(here, "flashtile", "_extension_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_extension():
-    """(ext_modules, cmdclass) for flashtile._cuda_reference, the CUDA reference.
+    """(ext_modules, cmdclass) for flashtile._cuda_reference, the CUDA reference, built now
+    when the build sees torch (`pip install -e . --no-build-isolation`).
 
     With nvcc and a CUDA build of torch: a CUDAExtension (the kernels of cuda_reference/
     for TORCH_CUDA_ARCH_LIST, default "7.5;8.0;9.0", plus the host build). Otherwise a
     CppExtension of the host build alone (the same algorithm on the CPU). Without torch at
-    build time, or if compiling fails, flashtile installs without it (impl="cuda" then says
-    so) unless FLASHTILE_BUILD_EXTENSION=1, which makes a failed build an error;
-    FLASHTILE_BUILD_EXTENSION=0 skips it.
+    build time (pip's default build isolation), or if compiling fails, flashtile installs
+    without it and compiles it on first use of impl="cuda" (flashtile.cuda_reference).
+    FLASHTILE_BUILD_EXTENSION=1 makes a failed or impossible build here an error;
+    FLASHTILE_BUILD_EXTENSION=0 skips it (and, set at run time, the build on first use).
     """
     mode = os.environ.get("FLASHTILE_BUILD_EXTENSION", "auto")
     if mode == "0":
@@ -24,22 +38,19 @@ def reference_extension():
     except ImportError:
         if mode == "1":
             raise
-        print("flashtile: torch is not importable at build time; not building the CUDA reference", file=sys.stderr)
+        print("flashtile: torch is not visible to this build (pip's build isolation); the CUDA reference "
+              "compiles on first use of impl='cuda' (`pip install -e . --no-build-isolation` builds it now)",
+              file=sys.stderr)
         return [], {}
-    sources = ["bindings/attention_bindings.cpp", "cuda_reference/attention_host.cpp"]
-    # torch picks the C++ standard its headers need. No OpenMP in the host build: a second
-    # OpenMP runtime beside torch's own left spinning threads that slowed torch's CPU ops
-    # tenfold, and the host build only ever runs small test shapes.
-    cxx = ["-O2"]
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0")
+    recipe = _load_build_recipe()
+    if recipe.can_build_cuda(torch, cpp_extension):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", recipe.DEFAULT_CUDA_ARCH_LIST)
         extension = cpp_extension.CUDAExtension(
-            "flashtile._cuda_reference",
-            sources + ["cuda_reference/attention_forward.cu", "cuda_reference/attention_backward.cu"],
-            define_macros=[("FLASHTILE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O2", "-lineinfo"]})
+            "flashtile._cuda_reference", recipe.sources(with_cuda=True), define_macros=recipe.CUDA_MACROS,
+            extra_compile_args={"cxx": recipe.CXX_FLAGS, "nvcc": recipe.NVCC_FLAGS})
     else:
-        extension = cpp_extension.CppExtension("flashtile._cuda_reference", sources, extra_compile_args=cxx)
+        extension = cpp_extension.CppExtension(
+            "flashtile._cuda_reference", recipe.sources(with_cuda=False), extra_compile_args=recipe.CXX_FLAGS)
 
     class BuildReference(cpp_extension.BuildExtension):
         def run(self):
@@ -49,8 +60,8 @@ def reference_extension():
                 if mode == "1":
                     raise
                 print(f"flashtile: WARNING: building the CUDA reference failed ({error}); flashtile installs "
-                      "without it (impl='cuda' raises). FLASHTILE_BUILD_EXTENSION=1 makes this an error.",
-                      file=sys.stderr)
+                      "without it and impl='cuda' tries again on first use. FLASHTILE_BUILD_EXTENSION=1 makes "
+                      "this an error.", file=sys.stderr)
                 self.extensions = []  # nothing for an editable install to copy
 
     return [extension], {"build_ext": BuildReference}
@@ -64,11 +75,12 @@ setup(
     description="FlashAttention-1 and -2 in Triton, forward and backward, side by side",
     packages=find_packages(include=["flashtile", "flashtile.*"]),
     python_requires=">=3.10",
-    # torch is not pinned: the GPU machine brings its own CUDA build (2.11) and the CPU
-    # machine installs the 2.13 CPU wheel. Triton is pinned so CI and the GPU compile alike.
-    install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "matplotlib", "tqdm"],
-                    "bench": ["matplotlib", "tqdm"]},
+    # torch is not pinned: a GPU machine brings its own CUDA build. Triton is pinned so that
+    # CI's ahead-of-time compile and the GPU compile the same kernels. ninja builds the CUDA
+    # reference on first use.
+    install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy", "ninja"],
+    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist"],
+                    "bench": ["matplotlib", "tqdm", "asv"]},
     entry_points={"console_scripts": ["flashtile-bench = flashtile.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

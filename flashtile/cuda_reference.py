@@ -5,10 +5,11 @@ arithmetic throughout, float32 outputs: its error against float64 is float32 rou
 (~1e-6 relative), far below the fp16/bf16 kernels'. It has the features of every
 implementation: grouped-query attention (K/V never repeated), a (left, right) window with
 bottom-right alignment (causal is right = 0; tiles outside the window are skipped), a
-softcap, and the varlen layout. It is built at install time as the extension
-`flashtile._cuda_reference`: with nvcc and a CUDA build of torch, the CUDA kernels plus the
-host build of the same algorithm; otherwise the host build alone, which runs on CPU tensors
-(the CPU CI machine). Which one is installed: `is_built()`, `built_with_cuda()`.
+softcap, and the varlen layout. It is an extension built ahead of time
+(`flashtile._cuda_reference`, by setup.py when the install sees torch) or else on first use
+(flashtile/_extension_build.py): with nvcc and a CUDA build of torch, the CUDA kernels plus
+the host build of the same algorithm; otherwise the host build alone, which runs on CPU
+tensors. Which one is available: `is_built()`, `built_with_cuda()`.
 
 `CudaReferenceAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 max_seqlen_k, scale, window_left, window_right, softcap)` returns (out, lse) as the registry
@@ -18,44 +19,68 @@ float32 results.
 """
 import importlib
 import math
+import os
 
 import torch
 
 _EXTENSION_NAME = "flashtile._cuda_reference"
-_import_error = None
+_import_error = None  # why the extension is not available (for the message)
+_jit_module = None  # the extension built on first use, once per process
+_jit_error = None  # a failed build on first use, raised again rather than retried
 
 
 def _load():
-    """The extension module, or None (the import error is kept for the message)."""
-    global _import_error
+    """The extension module, or None when it is not available (the reason is kept).
+
+    The ahead-of-time build (`flashtile._cuda_reference`) if installed, else the build on
+    first use (flashtile/_extension_build.py: compiled once with ninja, then cached), unless
+    FLASHTILE_BUILD_EXTENSION=0. A failed build on first use raises RuntimeError with the
+    compiler's output: a broken reference is never silently missing."""
+    global _import_error, _jit_module, _jit_error
     try:
         return importlib.import_module(_EXTENSION_NAME)
     except ImportError as error:
         _import_error = error
+    if os.environ.get("FLASHTILE_BUILD_EXTENSION") == "0":
+        _import_error = "not installed, and FLASHTILE_BUILD_EXTENSION=0 turns off the build on first use"
         return None
+    if _jit_module is None and _jit_error is None:
+        from . import _extension_build
+
+        try:
+            _jit_module = _extension_build.jit_build()
+        except FileNotFoundError as error:
+            _import_error = error
+            return None
+        except Exception as error:  # the compiler's or ninja's message
+            _jit_error = RuntimeError(f"impl='cuda': compiling flashtile's CUDA reference failed: {error}")
+    if _jit_error is not None:
+        raise _jit_error
+    return _jit_module
 
 
 def is_built() -> bool:
-    """Whether the extension (CUDA or host build) is importable."""
+    """Whether the extension (CUDA or host build) is available, compiling it on first use.
+    False only where it cannot be built (no sources beside flashtile, or
+    FLASHTILE_BUILD_EXTENSION=0); a failed compile raises RuntimeError."""
     return _load() is not None
 
 
 def built_with_cuda() -> bool:
-    """Whether the installed extension has the CUDA kernels (else it is the host build)."""
+    """Whether the extension has the CUDA kernels (else it is the host build)."""
     module = _load()
     return module is not None and bool(module.with_cuda)
 
 
 def extension():
-    """The extension module; RuntimeError saying it was not built if it is not importable."""
+    """The extension module; RuntimeError saying why when it is not available."""
     module = _load()
     if module is None:
         raise RuntimeError(
-            "impl='cuda': flashtile's CUDA reference extension (flashtile._cuda_reference) was not built. "
-            "It is compiled by `pip install -e . --no-build-isolation` when torch is importable at install "
-            "time (with nvcc and a CUDA build of torch: the CUDA kernels; otherwise the CPU host build); "
-            "reinstall with FLASHTILE_BUILD_EXTENSION=1 to see why the build failed. "
-            f"(import error: {_import_error})")
+            "impl='cuda': flashtile's CUDA reference extension was not built "
+            f"({_import_error}). From a checkout, `pip install -e .` compiles it on first use "
+            "(needs a C++ compiler; nvcc and a CUDA build of torch for the CUDA kernels), and "
+            "`pip install -e . --no-build-isolation` compiles it at install time.")
     return module
 
 

@@ -11,25 +11,26 @@
 # asv_bench/results/MACHINE/.
 #
 # Options:
-#   --mirror DIR      a git repository (bare is fine) holding the commits; default: .asv_mirror.git
-#                     if present (the device machine gets the tree without .git), else this checkout
-#   --machine NAME    asv machine name (default h100): results land in RESULTS/NAME/
+#   --mirror DIR      a git repository (bare is fine) holding the commits; default: this checkout
+#   --machine NAME    asv machine name: results land in RESULTS/NAME/. Default: the GPU's model
+#                     ("NVIDIA H100 80GB HBM3" -> h100), or cpu-HOSTNAME without CUDA (the tiny
+#                     CPU grid). A NAME whose machine.json names another GPU is refused: one
+#                     machine's history never receives another's results.
 #   --results DIR     default asv_bench/results
 #   --skip-existing   skip a commit that already has a result file for this machine (to resume)
 #   --jobs N          parallel compile workers (default 8; 0 skips precompiling)
 #   --budget SECONDS  start no further commit once SECONDS have passed or the slowest commit so
 #                     far would not fit before then (rerun with --skip-existing to go on)
-#   --tiny            FLASHTILE_ASV_TINY=1: the CPU-interpreter grid (plumbing check, no GPU)
 #   COMMIT ...        default: every commit of main that touches a kernel, i.e.
 #                     git log --reverse main -- flashtile/triton_kernels cuda_reference
-# Environment: ASV_RUN_ARGS adds `asv run` options. PYTHON (default python3) must have torch, triton and asv importable (PYTHONPATH
-# may point at carried wheels: it is passed on to the benchmarks). TORCH_CUDA_ARCH_LIST
+# Environment: ASV_RUN_ARGS adds `asv run` options. PYTHON (default python3) must have torch,
+# triton and asv importable (PYTHONPATH is passed on to the benchmarks). TORCH_CUDA_ARCH_LIST
 # defaults to 9.0 (the H100) so that a commit with the CUDA reference builds it for one arch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo_root=$PWD
 
-mirror="" machine=h100 results=asv_bench/results skip_existing=0 jobs=8 tiny=0 budget=0
+mirror="" machine="" results=asv_bench/results skip_existing=0 jobs=8 budget=0
 commits=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -38,22 +39,40 @@ while [[ $# -gt 0 ]]; do
     --results) results=$2; shift 2 ;;
     --skip-existing) skip_existing=1; shift ;;
     --jobs) jobs=$2; shift 2 ;;
-    --tiny) tiny=1; shift ;;
     --budget) budget=$2; shift 2 ;;
-    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) commits+=("$1"); shift ;;
   esac
 done
-if [[ -z $mirror ]]; then
-  if [[ -d .asv_mirror.git ]]; then mirror=.asv_mirror.git; else mirror=$(git rev-parse --git-dir); fi
-fi
+if [[ -z $mirror ]]; then mirror=$(git rev-parse --git-dir); fi
 mirror=$(cd "$mirror" && pwd)
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
 py_exe=$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)')
 PYTHON=$py_exe
 git_m() { git --git-dir "$mirror" "$@"; }
+
+gpu=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>/dev/null || true)
+if [[ -z $gpu ]]; then echo "torch is not importable by $PYTHON" >&2; exit 2; fi
+if [[ -z $machine ]]; then
+  if [[ $gpu == "no GPU" ]]; then
+    machine=cpu-$(hostname -s)
+  else  # the first word of the model name with a digit in it: "NVIDIA H100 80GB HBM3" -> h100
+    machine=$(echo "${gpu#NVIDIA }" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /[0-9]/) {print tolower($i); exit}}')
+    machine=${machine:-gpu-$(hostname -s)}
+  fi
+fi
+recorded_gpu=$("$PYTHON" -c 'import json, sys
+try:
+    print(json.load(open(sys.argv[1]))["cpu"].split(";")[0].removeprefix("GPU: "))
+except FileNotFoundError:
+    pass' "$results/$machine/machine.json") || exit 2
+if [[ -n $recorded_gpu && $recorded_gpu != "$gpu" ]]; then
+  echo "$results/$machine/ holds the results of another machine (GPU: $recorded_gpu; this one: $gpu): pass --machine NAME" >&2
+  exit 2
+fi
+if [[ $gpu == "no GPU" ]]; then jobs=0; fi  # the tiny CPU grid runs on the interpreter: nothing to compile
 
 if [[ ${#commits[@]} -eq 0 ]]; then
   mapfile -t commits < <(git_m log --format=%H --reverse main -- flashtile/triton_kernels cuda_reference)
@@ -67,12 +86,11 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1          # each commit autotunes a shape once, in setup_cache
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if [[ $tiny == 1 ]]; then export FLASHTILE_ASV_TINY=1 TRITON_INTERPRET=1; jobs=0; fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The committed asv.conf.json with absolute paths: the mirror as the repo, this tree's suite.
-"$PYTHON" - "$repo_root/asv_bench/asv.conf.json" "$work/asv.conf.json" "$mirror" "$results" "$work/env" <<'EOF'
+"$PYTHON" - "$repo_root/asv.conf.json" "$work/asv.conf.json" "$mirror" "$results" "$work/env" <<'EOF'
 import json, os, sys
 source, target, mirror, results, env_dir = sys.argv[1:]
 conf = json.load(open(source))
@@ -83,7 +101,6 @@ json.dump(conf, open(target, "w"), indent=1)
 EOF
 asv() { (cd "$work" && "$PYTHON" -m asv --config "$work/asv.conf.json" "$@"); }
 
-gpu=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>/dev/null)
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || uname -m)
 ram=$(awk '/MemTotal/ {printf "%.0fGB", $2 / 1048576}' /proc/meminfo)
 asv machine --yes --machine "$machine" --os "$(uname -sr)" --arch "$(uname -m)" \

@@ -22,10 +22,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --factor) factor=${args[i+1]} ;;
   esac
 done
-PYTHON=$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)')  # absolute: used after a cd
-if "$PYTHON" -c "import asv" 2>/dev/null && [[ -d .git ]]; then
+PYTHON=$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)')
+if "$PYTHON" -c "import asv" 2>/dev/null && git rev-parse --git-dir >/dev/null 2>&1; then
   echo "== asv compare --split --factor $factor --machine $machine ${base:0:8} ${new:0:8}"
-  (cd asv_bench && "$PYTHON" -m asv compare --split --factor "$factor" --machine "$machine" "$base" "$new") || true
+  "$PYTHON" -m asv compare --split --factor "$factor" --machine "$machine" "$base" "$new" || true
   echo
 fi
 echo "== scripts/asv_regression_check.py"

@@ -13,6 +13,8 @@ import pytest
 
 from flashtile.triton_kernels.aot import KERNELS, TARGETS, compile_variant, shipped_variants
 
+pytestmark = pytest.mark.aot
+
 FULL = os.environ.get("FLASHTILE_AOT_FULL", "0") == "1"
 
 

@@ -21,24 +21,44 @@ so that a commit records in about two minutes on an H100. Autotuning is on, as u
 scripts/asv_record.sh sets TRITON_CACHE_AUTOTUNING=1 so that a commit autotunes each shape
 once (in setup_cache) and the timing processes reuse the choice.
 
-FLASHTILE_ASV_TINY=1 shrinks the grid to sizes the Triton CPU interpreter runs in seconds
-(CPU timings, no memory figures): it checks the plumbing on a machine without a GPU.
+Without a CUDA device the suite runs by itself a tiny grid on the CPU, the Triton kernels
+on the interpreter (CPU timings, no memory figures): a plumbing check that completes in a
+few minutes; the first parameter's name says so in asv's tables.
+
+Implementation names come from flashtile.registry where the installed commit has it (called
+through `flashtile.attention(..., impl=name)`), else from the list every older commit had.
 """
 import importlib
 import importlib.util
 import os
+import sys
 import time
 
-TINY = os.environ.get("FLASHTILE_ASV_TINY", "0") == "1"
-if TINY:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# torch is imported here so that asv's forkserver imports it once; nothing here touches CUDA
-# (a CUDA context made before the fork would break every forked benchmark).
+# torch is imported here so that asv's forkserver imports it once; nothing here initialises
+# CUDA (a CUDA context made before the fork would break every forked benchmark): the
+# device count comes from NVML.
 import torch  # noqa: E402
 
-IMPLS = ["v1", "v2", "v2_atomic", "cuda", "sdpa_flash", "naive"]
-TIMED_IMPLS = ["v1", "v2", "v2_atomic", "cuda"]
+
+def _cuda_device_visible():
+    previous = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.is_available()
+    finally:
+        if previous is None:
+            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = previous
+
+
+TINY = not _cuda_device_visible()
+if TINY:
+    # Before flashtile is imported: the kernels are decorated for the interpreter then.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    print("flashtile asv: no CUDA device, running the tiny CPU grid (Triton on its interpreter)",
+          file=sys.stderr)
+
 if TINY:
     SEQS, HEAD_DIMS, TOKENS, MODEL_DIM = [32, 64], [16], 64, 32
 else:
@@ -46,16 +66,14 @@ else:
 CAUSAL = [False, True]
 DTYPE = torch.float16
 ERROR_HEADS = 2
-FLASHTILE_FUNCTIONS = {"v1": "FlashAttentionV1Function", "v2": "FlashAttentionV2Function",
-                       "v2_atomic": "FlashAttentionV2AtomicFunction"}
+# Before the registry: the autograd Functions of the Triton implementations, with the
+# signature .apply(q, k, v, causal, scale) -> (out, lse).
+OLD_FUNCTIONS = {"v1": "FlashAttentionV1Function", "v2": "FlashAttentionV2Function",
+                 "v2_atomic": "FlashAttentionV2AtomicFunction"}
 
 
 def device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if TINY:
-        return "cpu"
-    raise NotImplementedError("no CUDA device (FLASHTILE_ASV_TINY=1 runs a tiny grid on the CPU)")
+    return "cpu" if TINY else "cuda"
 
 
 def shape(n, d):
@@ -86,22 +104,39 @@ def installed_module(name):
     return os.path.abspath(spec.origin).startswith(package_dir + os.sep)
 
 
+# The flashtile implementations of the commit under test: the registry's names where it has
+# one, else the names every commit before it had (asv runs this suite on old commits).
+HAS_REGISTRY = installed_module("flashtile.registry")
+if HAS_REGISTRY:
+    from flashtile.registry import IMPLEMENTATIONS as FLASHTILE_IMPLS
+    from flashtile.registry import TRITON_IMPLEMENTATIONS
+else:
+    FLASHTILE_IMPLS = ("v1", "v2", "v2_atomic", "cuda")
+    TRITON_IMPLEMENTATIONS = ("v1", "v2", "v2_atomic")
+IMPLS = list(FLASHTILE_IMPLS) + ["sdpa_flash", "naive"]
+TIMED_IMPLS = list(FLASHTILE_IMPLS)
+
+
 def attention_function(impl, causal):
     """f(q, k, v) -> out; NotImplementedError when the installed flashtile lacks `impl`."""
-    if impl in FLASHTILE_FUNCTIONS:
+    if impl in FLASHTILE_IMPLS and HAS_REGISTRY:
+        import flashtile
+        from flashtile import registry
+
+        if not registry.REGISTRY[impl].triton:  # the CUDA reference's extension
+            _require_built_extension(impl)
+        return lambda q, k, v: flashtile.attention(q, k, v, causal=causal, impl=impl)
+    if impl in OLD_FUNCTIONS:
         try:
             module = importlib.import_module(f"flashtile.triton_kernels.{impl}")
         except ImportError as error:
             raise NotImplementedError(f"this commit has no flashtile.triton_kernels.{impl} ({error})")
-        function = getattr(module, FLASHTILE_FUNCTIONS[impl])
+        function = getattr(module, OLD_FUNCTIONS[impl])
         return lambda q, k, v: function.apply(q, k, v, causal, q.shape[-1] ** -0.5)[0]
     if impl == "cuda":
         if not installed_module("flashtile.cuda_reference"):
             raise NotImplementedError("this commit has no flashtile.cuda_reference")
-        from flashtile import cuda_reference
-
-        if not cuda_reference.is_built():
-            raise NotImplementedError("flashtile.cuda_reference is not built in this install")
+        _require_built_extension(impl)
         import flashtile
 
         return lambda q, k, v: flashtile.attention(q, k, v, causal=causal, impl="cuda")
@@ -117,6 +152,17 @@ def attention_function(impl, causal):
     if impl == "naive":
         return lambda q, k, v: naive_attention(q, k, v, causal)
     raise ValueError(impl)
+
+
+def _require_built_extension(impl):
+    """NotImplementedError when the CUDA reference cannot be used in this install: not built
+    (older commits), or the host build while the suite runs on a GPU."""
+    from flashtile import cuda_reference
+
+    if not cuda_reference.is_built():
+        raise NotImplementedError(f"impl={impl!r}: flashtile.cuda_reference is not built in this install")
+    if device() == "cuda" and not cuda_reference.built_with_cuda():
+        raise NotImplementedError(f"impl={impl!r}: the CUDA reference was built without CUDA (host build)")
 
 
 def inputs(batch, heads, n, d, where, seed=0):
@@ -191,7 +237,8 @@ def measure(impl, n, d, causal, where, truth_cache):
 
 
 PARAMS = [IMPLS, SEQS, HEAD_DIMS, CAUSAL]
-PARAM_NAMES = ["impl", "N", "D", "causal"]
+# On the CPU the first parameter's name says, in every table asv prints, what ran.
+PARAM_NAMES = ["impl (no CUDA: tiny CPU grid)" if TINY else "impl", "N", "D", "causal"]
 
 
 class Metrics:
@@ -259,6 +306,9 @@ class Timing:
     warmup_time = 0.2
     rounds = 1
     timeout = 600
+    if TINY:  # the interpreter takes about a second a call: fewer samples
+        repeat = (1, 3, 1.0)
+        warmup_time = 0
 
     def setup(self, impl, n, d, causal):
         self.where = device()
@@ -292,7 +342,7 @@ def precompile(jobs=8):
     import concurrent.futures
     import multiprocessing
 
-    tasks = [(impl, d, causal) for impl in FLASHTILE_FUNCTIONS for d in HEAD_DIMS for causal in CAUSAL]
+    tasks = [(impl, d, causal) for impl in TRITON_IMPLEMENTATIONS for d in HEAD_DIMS for causal in CAUSAL]
     os.environ["TRITON_CACHE_AUTOTUNING"] = "0"  # inherited by the spawned workers
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
