@@ -5,6 +5,9 @@ Each (kernel, target, head-dim tile, launch config) that the autotuner can pick 
 The specialisations that do not change the tiles (dtype fp16/bf16, causal, EVEN_D) are
 rotated across that list so every kernel sees each of them on every target; set
 FLASHTILE_AOT_FULL=1 to compile the full product instead (about 8x longer).
+
+Marked `aot`: plain `pytest` leaves it out (minutes of compiling); scripts/test.sh and CI run
+it with `TRITON_INTERPRET=0 pytest -m aot`.
 """
 import itertools
 import os
