@@ -200,9 +200,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     prefix sums of the lengths, starting at 0, on q's device: sequence b is rows
     cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and attends only to rows
     cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v, with its own bottom-right alignment for
-    causal and the window. Their values (0 first, non-decreasing, last = total_q / total_k)
-    are the caller's contract, as in FlashAttention-2; they are not checked, since that
-    would read them back from the GPU.
+    causal and the window. Their values (0 first, non-decreasing) are the caller's contract,
+    as in FlashAttention-2. The last value must be q's (k's) number of tokens: a ValueError
+    says so whenever the values are read anyway (CPU tensors, or max_seqlen_* None); CUDA
+    cu_seqlens with both max_seqlen_* given are not read back, so that no sync happens.
     max_seqlen_q / max_seqlen_k: the longest sequence lengths, which size the grid. None
     computes them from cu_seqlens_*, at the cost of one device-to-host copy (a sync).
     Other arguments as `attention`. return_lse: lse has shape (Hq, total_q).
@@ -210,10 +211,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     scale, left, right, softcap = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, causal, scale, impl, return_lse, window_size,
                                                       softcap)
-    if max_seqlen_q is None or max_seqlen_k is None:
-        lengths = torch.stack([cu_seqlens_q.diff(), cu_seqlens_k.diff()]).amax(dim=1).tolist()  # the sync
-        max_seqlen_q = lengths[0] if max_seqlen_q is None else max_seqlen_q
-        max_seqlen_k = lengths[1] if max_seqlen_k is None else max_seqlen_k
+    if max_seqlen_q is None or max_seqlen_k is None or not q.is_cuda:
+        # One device-to-host copy (a sync on the GPU, free on the CPU): the longest sequences,
+        # and the totals, which must be the tokens of q and k.
+        longest_q, longest_k, total_q, total_k = torch.stack(
+            [cu_seqlens_q.diff().max(), cu_seqlens_k.diff().max(), cu_seqlens_q[-1], cu_seqlens_k[-1]]).tolist()
+        for name, total, tokens in (("cu_seqlens_q", total_q, q.shape[0]), ("cu_seqlens_k", total_k, k.shape[0])):
+            if total != tokens:
+                raise ValueError(f"{name} ends at {total}, but {'q' if name[-1] == 'q' else 'k and v'} "
+                                 f"have {tokens} tokens")
+        max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
     total_q, Hq = q.shape[0], q.shape[1]
     if total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return _empty_result(q, k, v, (Hq, total_q), return_lse)

@@ -26,6 +26,7 @@ class Implementation:
     module: str  # relative to the flashtile package
     function: str  # the autograd Function's class name in that module
     triton: bool  # Triton kernels: run by the interpreter, compiled ahead of time by aot
+    atomic_dq: bool  # dQ summed with atomic adds: its last bits may change from run to run
     summary: str
 
     def load(self):
@@ -34,13 +35,13 @@ class Implementation:
 
 
 _ENTRIES = (
-    Implementation("v1", ".triton_kernels.v1", "FlashAttentionV1Function", True,
+    Implementation("v1", ".triton_kernels.v1", "FlashAttentionV1Function", True, True,
                    "FlashAttention-1: row max and row sum kept apart, natural exp, atomic dQ"),
-    Implementation("v2", ".triton_kernels.v2", "FlashAttentionV2Function", True,
+    Implementation("v2", ".triton_kernels.v2", "FlashAttentionV2Function", True, False,
                    "FlashAttention-2: unnormalised accumulator, lse only, exp2, deterministic backward"),
-    Implementation("v2_atomic", ".triton_kernels.v2_atomic", "FlashAttentionV2AtomicFunction", True,
+    Implementation("v2_atomic", ".triton_kernels.v2_atomic", "FlashAttentionV2AtomicFunction", True, True,
                    "FlashAttention-2 forward, one backward kernel with atomic dQ"),
-    Implementation("cuda", ".cuda_reference", "CudaReferenceAttentionFunction", False,
+    Implementation("cuda", ".cuda_reference", "CudaReferenceAttentionFunction", False, False,
                    "the hand-written tiled CUDA reference, float32 arithmetic"),
 )
 

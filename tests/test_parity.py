@@ -52,7 +52,7 @@ import torch
 import flashtile
 from flashtile.cuda_reference import reference_problems
 from flashtile.reference import effective_window, visible_keys
-from flashtile.registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, TRITON_IMPLEMENTATIONS
+from flashtile.registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, REGISTRY, TRITON_IMPLEMENTATIONS
 from flashtile.testing import (assert_matches_reference, compare, flashtile_impl, make_qkv, make_varlen_qkv,
                                random_like, reference_results, rerun_bitwise, run_attention)
 
@@ -67,7 +67,7 @@ DEVICES = ("cpu", "cuda")
 PEERS = {"cpu": (), "cuda": ("sdpa",)}
 # Implementations whose backward adds dQ with atomics, in whatever order the programs finish:
 # only their dQ may differ bitwise from run to run.
-ATOMIC_DQ = ("v1", "v2_atomic")
+ATOMIC_DQ = tuple(name for name, entry in REGISTRY.items() if entry.atomic_dq)
 MiB = 1 << 20
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
