@@ -545,7 +545,9 @@ def test_many_bindings_errors_in_one_process():
 
 
 def test_not_built_raises_a_clear_error(monkeypatch):
-    """Without the extension flashtile imports and the reference says it was not built."""
+    """Without the extension (and with the build on first use turned off) flashtile imports
+    and the reference says it was not built."""
+    monkeypatch.setenv("FLASHTILE_BUILD_EXTENSION", "0")
     monkeypatch.setitem(sys.modules, "flashtile._cuda_reference", None)  # import now fails
     assert not cuda_reference.is_built()
     q, k, v = make_qkv(1, 2, 5, 7, 8, torch.float16)
@@ -563,7 +565,8 @@ def test_flashtile_imports_without_the_extension(tmp_path):
             "q = torch.zeros(1, 1, 2, 4, dtype=torch.float16)\n"
             "try:\n    cuda_reference.forward_float32(q, q, q)\n"
             "except RuntimeError as e:\n    print('raised:', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, FLASHTILE_BUILD_EXTENSION="0")  # no build on first use either
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "raised: impl='cuda'" in proc.stdout and "not built" in proc.stdout
 
