@@ -67,8 +67,10 @@ setup(
     # torch is not pinned: the GPU machine brings its own CUDA build (2.11) and the CPU
     # machine installs the 2.13 CPU wheel. Triton is pinned so CI and the GPU compile alike.
     install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "matplotlib", "tqdm"],
-                    "bench": ["matplotlib", "tqdm"]},
+    # test includes transformers: tests/test_transformers.py runs tiny models on the interpreter (~1 min on 2 cores).
+    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "matplotlib", "tqdm", "transformers>=5,<6"],
+                    "bench": ["matplotlib", "tqdm"],
+                    "transformers": ["transformers>=5,<6"]},
     entry_points={"console_scripts": ["flashtile-bench = flashtile.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
