@@ -3,7 +3,7 @@
 Every check happens here, once, before any kernel runs; the kernels assume valid input
 (the split FlashAttention's own interface makes). Errors name the argument and the problem.
 The implementation is taken from the one registry (flashtile/registry.py) and called through
-the torch.library operator of flashtile/ops.py, which torch.compile keeps whole in its graph.
+flashtile/ops.py: its torch.library operator under torch.compile, its Function in eager mode.
 """
 import math
 import os

@@ -16,6 +16,8 @@ checks them in Python, before the op, so errors name the argument); impl is a re
 `saved` is what the implementation's backward needs besides q, k, v, out and lse (v1's row max
 and row sum, the CUDA reference's float32 out; nothing for v2): each implementation module has
 `forward`, `backward` and SAVED_LIKE, the shapes of `saved` that the fake function needs.
+`attention` below is what flashtile.interface calls: the operator under torch.compile, the
+implementation's autograd Function in eager mode (same kernels, less host overhead).
 """
 import importlib
 from typing import List, Optional, Tuple
@@ -93,8 +95,16 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
               softcap, impl):
-    """(out, lse) through the operator, differentiable in q, k, v: the registry's Function contract
-    (flashtile/registry.py) with the implementation's name as the last argument."""
-    out, lse, _ = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                    window_left, window_right, softcap, impl)
-    return out, lse
+    """(out, lse), differentiable in q, k, v: the registry's Function contract
+    (flashtile/registry.py) with the implementation's name as the last argument.
+
+    Under torch.compile, the operator. In eager mode, the implementation's autograd Function
+    itself: the same kernels on the same arguments (so the same bits), without the operator's
+    generic Python autograd layer (argument flattening, defaults, re-dispatch), which costs
+    more than a small attention call (scripts/dispatch_overhead.py measures both)."""
+    if torch.compiler.is_compiling():
+        out, lse, _ = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                        window_left, window_right, softcap, impl)
+        return out, lse
+    return REGISTRY[impl].load().apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                       window_left, window_right, softcap)
