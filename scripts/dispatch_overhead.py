@@ -2,8 +2,8 @@
 Function it wraps, at shapes small enough that the kernels cost little next to the dispatch:
 the measurement behind flashtile.attention calling the Function, not the operator, in eager mode.
 
-    python scripts/dispatch_overhead.py            # on the GPU: every implementation
-    python scripts/dispatch_overhead.py --impl cuda  # on a CPU machine: the CUDA reference's host build
+    python scripts/dispatch_overhead.py   # on the GPU: every implementation; on the CPU: those
+                                          # that run there compiled (the CUDA reference's host build)
 
 Rows: `function` is REGISTRY[impl].load().apply, `op` is flashtile.ops.attention_forward (the
 operator with its autograd, which torch.compile calls), `attention` is flashtile.attention (the
@@ -57,10 +57,11 @@ def paths(impl, n, head_dim):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impl", action="append", choices=IMPLEMENTATIONS, help="default: all (on the CPU: cuda)")
+    parser.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
+                        help="default: all on the GPU, the non-Triton ones on the CPU")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    impls = args.impl or (IMPLEMENTATIONS if device == "cuda" else ["cuda"])
+    impls = args.impl or [name for name, entry in REGISTRY.items() if device == "cuda" or not entry.triton]
     print(f"{'impl':10} {'shape':18} {'path':10} {'forward us':>11} {'fwd+bwd us':>11}")
     for impl in impls:
         dtype = torch.float16 if device == "cuda" else torch.float32
