@@ -79,8 +79,10 @@ setup(
     # CI's ahead-of-time compile and the GPU compile the same kernels. ninja builds the CUDA
     # reference on first use.
     install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy", "ninja"],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist"],
-                    "bench": ["matplotlib", "tqdm", "asv"]},
+    # test includes transformers: tests/test_transformers.py runs tiny models on the interpreter (~1 min on 2 cores).
+    extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "transformers>=5,<6"],
+                    "bench": ["matplotlib", "tqdm", "asv"],
+                    "transformers": ["transformers>=5,<6"]},
     entry_points={"console_scripts": ["flashtile-bench = flashtile.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

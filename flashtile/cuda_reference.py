@@ -139,6 +139,31 @@ def backward_float32(d_out, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_
                                                                      softcap)))
 
 
+# forward / backward / SAVED_LIKE: the Function's two halves as plain functions, for
+# flashtile.ops (torch.library), where the op, not an autograd Function, keeps the saved tensors.
+SAVED_LIKE = ("out",)  # the float32 out, shaped like out
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+            softcap):
+    """(out, lse, (out32,)): the backward's D_i = rowsum(dO_i * O_i) uses the float32 O."""
+    out32, lse = forward_float32(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
+                                 window_left=window_left, window_right=window_right, softcap=softcap)
+    # copy=True: with float32 inputs, out must still be a tensor of its own (an op's outputs never alias)
+    return out32.to(q.dtype, copy=True), lse, (out32,)
+
+
+def backward(d_out, q, k, v, out, lse, saved, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+             window_left, window_right, softcap):
+    """(dq, dk, dv) in the inputs' dtype, from `forward`'s results."""
+    (out32,) = saved
+    dq, dk, dv = backward_float32(d_out.to(q.dtype), q, k, v, out32, lse, cu_seqlens_q=cu_seqlens_q,
+                                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                  scale=scale, window_left=window_left, window_right=window_right, softcap=softcap)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class CudaReferenceAttentionFunction(torch.autograd.Function):
     """The CUDA reference as the registry's Function (flashtile/registry.py):
     `apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,

@@ -2,13 +2,15 @@
 
 Every check happens here, once, before any kernel runs; the kernels assume valid input
 (the split FlashAttention's own interface makes). Errors name the argument and the problem.
-The implementation is taken from the one registry (flashtile/registry.py).
+The implementation is taken from the one registry (flashtile/registry.py) and called through
+flashtile/ops.py: its torch.library operator under torch.compile, its Function in eager mode.
 """
 import math
 import os
 
 import torch
 
+from . import ops
 from .registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, REGISTRY
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -146,8 +148,7 @@ def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softca
     n_k = k.shape[2]
     if n_q == 0 or n_k == 0 or B == 0:
         return _empty_result(q, k, v, (B, Hq, n_q), return_lse)
-    function = REGISTRY[impl].load()
-    out, lse = function.apply(q, k, v, None, None, n_q, n_k, scale, left, right, softcap)
+    out, lse = ops.attention(q, k, v, None, None, n_q, n_k, scale, left, right, softcap, impl)
     return (out, lse) if return_lse else out
 
 
@@ -225,7 +226,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     total_q, Hq = q.shape[0], q.shape[1]
     if total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return _empty_result(q, k, v, (Hq, total_q), return_lse)
-    function = REGISTRY[impl].load()
-    out, lse = function.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-                              softcap)
+    out, lse = ops.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                             softcap, impl)
     return (out, lse) if return_lse else out

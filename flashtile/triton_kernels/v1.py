@@ -310,6 +310,30 @@ def v1_backward(d_out, q, k, v, out, row_max, row_sum, problem: Problem):
     return dq_accum.to(q.dtype), dk, dv
 
 
+# forward / backward / SAVED_LIKE: the Function's two halves as plain functions, for
+# flashtile.ops (torch.library), where the op, not an autograd Function, keeps the saved tensors.
+SAVED_LIKE = ("lse", "lse")  # row_max and row_sum, float32, shaped like lse
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+            softcap):
+    """(out, lse, (row_max, row_sum)): v1's backward reads m and l, not lse."""
+    problem = Problem.of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                         window_right, softcap)
+    out, row_max, row_sum = v1_forward(q, k, v, problem)
+    lse = torch.where(row_sum > 0, row_max + torch.log(row_sum), float("-inf"))
+    return out, lse, (row_max, row_sum)
+
+
+def backward(d_out, q, k, v, out, lse, saved, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+             window_left, window_right, softcap):
+    """(dq, dk, dv) from `forward`'s results."""
+    problem = Problem.of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                         window_right, softcap)
+    row_max, row_sum = saved
+    return v1_backward(d_out, q, k, v, out, row_max, row_sum, problem)
+
+
 class FlashAttentionV1Function(torch.autograd.Function):
     """FlashAttention-1, the registry's contract (flashtile/registry.py); lse = m + log(l) is
     returned for callers who ask for it (not differentiable); v1 itself keeps m and l."""

@@ -431,6 +431,28 @@ def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
 # Autograd
 # ---------------------------------------------------------------------------------------
 
+# forward / backward / SAVED_LIKE: the Function's two halves as plain functions, for
+# flashtile.ops (torch.library), where the op, not an autograd Function, keeps the saved tensors.
+SAVED_LIKE = ()  # v2 saves nothing besides out and lse
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+            softcap):
+    """(out, lse, saved): saved the tensors the backward needs besides q, k, v, out and lse."""
+    problem = Problem.of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                         window_right, softcap)
+    out, lse = v2_forward(q, k, v, problem)
+    return out, lse, ()
+
+
+def backward(d_out, q, k, v, out, lse, saved, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+             window_left, window_right, softcap):
+    """(dq, dk, dv) from `forward`'s results."""
+    problem = Problem.of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                         window_right, softcap)
+    return v2_backward(d_out, q, k, v, out, lse, problem)
+
+
 class FlashAttentionV2Function(torch.autograd.Function):
     """FlashAttention-2, the registry's contract (flashtile/registry.py):
     `apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,

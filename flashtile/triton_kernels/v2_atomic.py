@@ -17,6 +17,7 @@ instead of 7) and needs no separate dQ kernel, at the cost of
 import torch
 
 from ._common import Problem, d_contiguous
+from . import v2
 from .v2 import FlashAttentionV2Function, dkdv, v2_delta
 
 
@@ -26,6 +27,20 @@ def v2_atomic_backward(d_out, q, k, v, out, lse, problem: Problem):
     dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk, dv = dkdv(q, k, v, d_out, lse, delta, problem, dq_accum=dq_accum)
     return dq_accum.to(q.dtype), dk, dv
+
+
+# forward / backward / SAVED_LIKE: the Function's two halves as plain functions, for
+# flashtile.ops (torch.library). The forward is v2's.
+SAVED_LIKE = v2.SAVED_LIKE
+forward = v2.forward
+
+
+def backward(d_out, q, k, v, out, lse, saved, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+             window_left, window_right, softcap):
+    """(dq, dk, dv) from `forward`'s results."""
+    problem = Problem.of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                         window_right, softcap)
+    return v2_atomic_backward(d_out, q, k, v, out, lse, problem)
 
 
 class FlashAttentionV2AtomicFunction(torch.autograd.Function):

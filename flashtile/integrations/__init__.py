@@ -1,0 +1,2 @@
+"""flashtile inside other libraries: `import flashtile.integrations.transformers` registers it with
+Hugging Face transformers."""

@@ -1,0 +1,79 @@
+"""Eager call overhead of the torch.library operator (flashtile/ops.py) beside the autograd
+Function it wraps, at shapes small enough that the kernels cost little next to the dispatch:
+the measurement behind flashtile.attention calling the Function, not the operator, in eager mode.
+
+    python scripts/dispatch_overhead.py   # on the GPU: every implementation; on the CPU: those
+                                          # that run there compiled (the CUDA reference's host build)
+
+Rows: `function` is REGISTRY[impl].load().apply, `op` is flashtile.ops.attention_forward (the
+operator with its autograd, which torch.compile calls), `attention` is flashtile.attention (the
+checks, then in eager mode the Function). Microseconds per call, forward alone and forward + backward:
+the wall time of many calls back to back, then one synchronize. Not the benchmark's timer
+(do_bench), which clears the L2 cache before each call and so hides the host time under that
+clearing: here the host time is the thing measured.
+"""
+import argparse
+import math
+import time
+
+import torch
+
+import flashtile
+from flashtile import ops
+from flashtile.bench.measure import synchronize
+from flashtile.registry import IMPLEMENTATIONS, REGISTRY
+
+SHAPES = ((1, 1, 1, 16), (1, 1, 16, 64), (2, 8, 128, 64))
+CALLS = 200
+
+
+ROUNDS = 5
+
+
+def microseconds_per_call(fn, device, grad_tensors=()):
+    """The best of ROUNDS rounds of CALLS calls (the least disturbed by the rest of the machine)."""
+    fn()  # compile, autotune
+    rounds = []
+    for _ in range(ROUNDS):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+            for t in grad_tensors:
+                t.grad = None
+        synchronize(device)
+        rounds.append((time.perf_counter() - start) / CALLS * 1e6)
+    return min(rounds)
+
+
+def paths(impl, n, head_dim):
+    function, scale = REGISTRY[impl].load(), 1.0 / math.sqrt(head_dim)
+    return {
+        "function": lambda q, k, v: function.apply(q, k, v, None, None, n, n, scale, -1, 0, 0.0)[0],
+        "op": lambda q, k, v: ops.attention_forward(q, k, v, None, None, n, n, scale, -1, 0, 0.0, impl)[0],
+        "attention": lambda q, k, v: flashtile.attention(q, k, v, causal=True, impl=impl),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
+                        help="default: all on the GPU, the non-Triton ones on the CPU")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    impls = args.impl or [name for name, entry in REGISTRY.items() if device == "cuda" or not entry.triton]
+    print(f"{'impl':10} {'shape':18} {'path':10} {'forward us':>11} {'fwd+bwd us':>11}")
+    for impl in impls:
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        for shape in SHAPES:
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            d_out = torch.randn_like(q)
+            for name, fn in paths(impl, shape[2], shape[3]).items():
+                with torch.no_grad():
+                    forward = microseconds_per_call(lambda: fn(q, k, v), device)
+                both = microseconds_per_call(lambda: fn(q, k, v).backward(d_out), device, (q, k, v))
+                print(f"{impl:10} {str(shape):18} {name:10} {forward:11.1f} {both:11.1f}")
+
+
+if __name__ == "__main__":
+    main()
