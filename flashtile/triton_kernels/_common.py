@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _compat
+
 # log2(e) and ln(2) as compile-time constants (kernels may read only constexpr globals):
 # exp(x) = exp2(x * LOG2_E), log(x) = log2(x) * LN_2. Host code reads LOG2_E.value.
 LOG2_E = tl.constexpr(1.4426950408889634)
@@ -165,7 +167,7 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
                 if (c.kwargs[owned], c.kwargs[looped], c.num_warps, c.num_stages) in wanted]
         return kept or configs[:1]
 
-    return triton.autotune(
+    return _compat.autotune(
         configs=as_triton_configs(union, owned, looped),
         key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
         prune_configs_by={"early_config_prune": prune},
