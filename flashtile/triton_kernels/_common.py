@@ -91,8 +91,8 @@ def _forward_configs(capability: int, block_d: int):
         if block_d <= 128:
             return [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
         return [(64, 64, 4, 2), (64, 32, 4, 2)]
-    # sm_75: 64 KB of shared memory; sizes below are the largest that the AOT test found
-    # to fit for fp16 and bf16 alike (bf16 has no MMA there and is widened to fp32).
+    # sm_75: 64 KB of shared memory and fp16 only (Turing has no bf16). Under Triton 3.2
+    # (tensor cores) these use at most 40 KB (`python -m flashtile.aot --arch sm_75`).
     if block_d <= 128:
         return [(64, 64, 4, 2), (64, 32, 4, 2)]
     return [(32, 32, 4, 1)]
