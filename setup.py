@@ -65,8 +65,10 @@ setup(
     packages=find_packages(include=["flashtile", "flashtile.*"]),
     python_requires=">=3.10",
     # torch is not pinned: the GPU machine brings its own CUDA build (2.11) and the CPU
-    # machine installs the 2.13 CPU wheel. Triton is pinned so CI and the GPU compile alike.
-    install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy"],
+    # machine installs the 2.13 CPU wheel. Triton: 3.6.x (what pip picks, what CI and the GPU
+    # compile with) or 3.2.x, the last that uses Turing's tensor cores (README, "On a T4");
+    # 3.3 fails to compile for sm_75 and 3.4/3.5 are untested.
+    install_requires=["torch>=2.4", "triton>=3.2,!=3.3.*,!=3.4.*,!=3.5.*,<3.7", "numpy"],
     extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "matplotlib", "tqdm"],
                     "bench": ["matplotlib", "tqdm"]},
     entry_points={"console_scripts": ["flashtile-bench = flashtile.bench:main"]},

@@ -247,7 +247,7 @@ def test_turing_without_tensor_cores_warns_once(turing, monkeypatch):
 
     monkeypatch.setattr(_compat, "turing_tensor_cores", lambda: False)
     q = qkv()[0]
-    with pytest.warns(RuntimeWarning, match=r"tensor cores.*pip install \"triton==3\.2\.0\""):
+    with pytest.warns(RuntimeWarning, match=r"tensor cores.*pip install .*\"triton==3\.2\.0\""):
         turing._check_gpu_support(q, "v2")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

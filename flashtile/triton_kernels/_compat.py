@@ -25,9 +25,9 @@ def _version(text: str):
 TRITON_VERSION = _version(triton.__version__)
 SUPPORTED = ((3, 2), (3, 6))
 
-# The pip line that gives tensor cores on a T4 (torch's wheels then keep their own Triton
-# out of the way only if torch is installed first; see README "On a T4").
-TURING_TRITON_PIP = 'pip install "triton==3.2.0"'
+# Tensor cores on a T4: torch 2.6.0's Linux wheels depend on Triton 3.2.0, so this pair
+# installs without conflict (a newer torch pins a newer Triton, which its torch.compile expects).
+TURING_TRITON_PIP = 'pip install "torch==2.6.0" "triton==3.2.0"'
 
 
 def turing_tensor_cores(version=TRITON_VERSION) -> bool:
