@@ -7,8 +7,10 @@ The kernels are the same source under both; only these host-side details differ.
 - Tensor cores on Turing (sm_75): 3.2 lowers an fp16 `tl.dot` to `mma.sync.m16n8k8`; 3.3
   fails to compile such kernels for sm_75 and 3.4 onwards lower it to FMA only (about
   8 TFLOP/s of fp32 on a T4 instead of 65 of fp16 on its tensor cores).
-- The CPU interpreter: 3.6's needs the fixes in _interpreter_fix.py; 3.2's has bugs of its
-  own (listed there) and lacks some of 3.6's hooks.
+- triton.autotune: 3.2's asks the GPU driver for a timer when a kernel is decorated (so
+  importing the kernels fails without a GPU) and drops its `do_bench` argument.
+- The CPU interpreter: both need the fixes in _interpreter_fix.py, applied a little
+  differently, and 3.2's one more (autotune's launch keywords).
 """
 import re
 
@@ -23,7 +25,6 @@ def _version(text: str):
 
 
 TRITON_VERSION = _version(triton.__version__)
-SUPPORTED = ((3, 2), (3, 6))
 
 # Tensor cores on a T4: torch 2.6.0's Linux wheels depend on Triton 3.2.0, so this pair
 # installs without conflict (a newer torch pins a newer Triton, which its torch.compile expects).
@@ -42,7 +43,6 @@ def ast_source(fn, signature: dict, constexprs: dict):
         return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return ASTSource(fn=fn, signature={name: kind for name, kind in signature.items() if name not in constexprs},
                      constants=constexprs)
-
 
 
 def _benchmark_on_first_use(kernel_call, quantiles):
