@@ -10,7 +10,7 @@
 # Then two passes:
 #   1. python -m flashtile.aot --arch sm_75 --require-tensor-cores --sample: every kernel
 #      and launch config shipped for sm_75 compiles with mma instructions within 64 KB of
-#      shared memory (--full: the full product, about 8x longer).
+#      shared memory (--full: all 510 sm_75 variants, about 9x longer).
 #   2. TRITON_INTERPRET=1: the test files that run the Triton kernels (kernels at odd shapes,
 #      the parity suite, the interface). 3.2's interpreter runs all of them, given the fixes
 #      in flashtile/triton_kernels/_interpreter_fix.py. Left to scripts/test.sh: the CUDA

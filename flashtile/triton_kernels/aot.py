@@ -132,12 +132,10 @@ def compile_variant(variant: Variant):
     return triton.compile(_source(variant), target=GPUTarget("cuda", variant.capability, 32), options=options)
 
 
-
-
 def sample_variants(variants):
     """One variant per (kernel, target, tile, config), the specialisation (dtype, feature flags,
-    EVEN_D) chosen in rotation, so each kernel still sees every specialisation on every
-    target: about 1/8 of the full product."""
+    EVEN_D) chosen in rotation, so that every kernel meets each dtype and both EVEN_D on every
+    target, and several feature-flag sets: about a tenth of the full product."""
     variants = list(variants)
     groups = {}
     for v in variants:
@@ -217,8 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--require-tensor-cores", action="store_true",
                         help="fail if a kernel with a matmul has no mma (wgmma or mma on sm_90) in its PTX")
     parser.add_argument("--sample", action="store_true",
-                        help="one variant per (kernel, tile, config), specialisations rotated (about 1/8 of the "
-                             "full product; what CI runs)")
+                        help="one variant per (kernel, tile, config), specialisations rotated (about a tenth of "
+                             "the full product; what CI runs)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="print only the variants that fail, and the summary")
     args = parser.parse_args(argv)
