@@ -75,10 +75,11 @@ setup(
     description="FlashAttention-1 and -2 in Triton, forward and backward, side by side",
     packages=find_packages(include=["flashtile", "flashtile.*"]),
     python_requires=">=3.10",
-    # torch is not pinned: a GPU machine brings its own CUDA build. Triton is pinned so that
-    # CI's ahead-of-time compile and the GPU compile the same kernels. ninja builds the CUDA
-    # reference on first use.
-    install_requires=["torch>=2.4", "triton>=3.6,<3.7", "numpy", "ninja"],
+    # torch is not pinned: a GPU machine brings its own CUDA build. Triton: 3.6.x (what pip
+    # picks, what CI and the GPU compile with) or 3.2.x, the last that uses Turing's tensor
+    # cores (README, "On a T4"); 3.3 fails to compile for sm_75 and 3.4/3.5 are untested.
+    # ninja builds the CUDA reference on first use.
+    install_requires=["torch>=2.4", "triton>=3.2,!=3.3.*,!=3.4.*,!=3.5.*,<3.7", "numpy", "ninja"],
     # test includes transformers: tests/test_transformers.py runs tiny models on the interpreter (~1 min on 2 cores).
     extras_require={"test": ["pytest", "hypothesis", "pytest-xdist", "transformers>=5,<6"],
                     "bench": ["matplotlib", "tqdm", "asv"],

@@ -7,6 +7,7 @@ flashtile/ops.py: its torch.library operator under torch.compile, its Function i
 """
 import math
 import os
+import warnings
 
 import torch
 
@@ -54,6 +55,39 @@ def _check_tensors(q, k, v, impl, dims, layout):
     elif q.device.type != "cuda" and not _interpreting():
         raise ValueError(f"q, k, v are on {q.device}; flashtile's kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 to run them on the CPU interpreter)")
+
+
+def _cuda_capability(t):
+    """10 * major + minor of the GPU holding `t`; None for other devices and under the interpreter."""
+    if t.device.type != "cuda" or _interpreting():
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+_warned_no_tensor_cores = False
+
+
+def _check_gpu_support(q, impl):
+    """What the GPU itself rules out, for the Triton implementations: GPUs before sm_80 (Turing's
+    T4 among them) have no bfloat16 arithmetic; and on Turing, Triton 3.3 and later emit no
+    tensor-core instructions, so flashtile runs there several times slower than with Triton 3.2
+    (warned once per process)."""
+    global _warned_no_tensor_cores
+    capability = _cuda_capability(q)
+    if capability is None or not REGISTRY[impl].triton:
+        return
+    if capability < 80 and q.dtype == torch.bfloat16:
+        raise TypeError(f"q, k, v have dtype torch.bfloat16, which sm_{capability} GPUs cannot compute in "
+                        f"(bfloat16 needs sm_80 or later); use torch.float16 on this GPU")
+    if capability // 10 == 7 and not _warned_no_tensor_cores:
+        from .triton_kernels import _compat
+
+        if not _compat.turing_tensor_cores():
+            _warned_no_tensor_cores = True
+            warnings.warn(f"Triton {_compat.triton.__version__} compiles flashtile's kernels for sm_{capability} "
+                          f"without tensor cores (several times slower). For tensor cores on a T4: "
+                          f"{_compat.TURING_TRITON_PIP}", RuntimeWarning, stacklevel=3)
 
 
 def _check_heads_and_dims(hq, hk, hv, dq, dk, dv):
@@ -106,6 +140,7 @@ def check_inputs(q, k, v, causal=False, scale=None, impl=DEFAULT_IMPLEMENTATION,
     return (scale, window_left, window_right, softcap) with causal folded into the window."""
     _check_impl(impl)
     _check_tensors(q, k, v, impl, 4, "(batch, heads, seq, head_dim)")
+    _check_gpu_support(q, impl)
     (bq, hq, _, dq), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
     if not (bq == bk == bv):
         raise ValueError(f"batch sizes differ: q {bq}, k {bk}, v {bv}")
@@ -178,6 +213,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     inside cu_seqlens are the caller's contract); return what check_inputs returns."""
     _check_impl(impl)
     _check_tensors(q, k, v, impl, 3, "(total_tokens, heads, head_dim)")
+    _check_gpu_support(q, impl)
     (tq, hq, dq), (tk, hk, dk), (tv, hv, dv) = q.shape, k.shape, v.shape
     if tk != tv:
         raise ValueError(f"k and v must have the same number of tokens, got {tk} and {tv}")

@@ -2,9 +2,13 @@
 
 Runs without a GPU: triton.compile with an explicit GPUTarget goes all the way to a cubin.
 Each (kernel, target, head-dim tile, launch config) that the autotuner can pick is compiled.
-The specialisations that do not change the tiles (dtype fp16/bf16, causal, EVEN_D) are
-rotated across that list so every kernel sees each of them on every target; set
-FLASHTILE_AOT_FULL=1 to compile the full product instead (about 8x longer).
+The specialisations that do not change the tiles (dtype, feature flags, EVEN_D) are
+rotated across that list so every kernel sees each of them on every target
+(aot.sample_variants); set FLASHTILE_AOT_FULL=1 to compile the full product instead (about
+8x longer). `python -m flashtile.aot` runs the same sweep from the command line.
+
+Kernels that multiply must use the tensor cores wherever this Triton can: sm_80 and sm_90
+always, sm_75 only with Triton 3.2 (flashtile/triton_kernels/_compat.py).
 
 Marked `aot`: plain `pytest` leaves it out (minutes of compiling); scripts/test.sh and CI run
 it with `TRITON_INTERPRET=0 pytest -m aot`.
@@ -14,30 +18,14 @@ import os
 
 import pytest
 
-from flashtile.triton_kernels.aot import KERNELS, TARGETS, compile_variant, shipped_variants
+from flashtile.triton_kernels._compat import turing_tensor_cores
+from flashtile.triton_kernels.aot import (KERNELS, SHIPPED_DTYPES, TARGETS, compile_variant, has_matmul,
+                                          sample_variants, shipped_variants, tensor_core_instructions)
 
 pytestmark = pytest.mark.aot
 
 FULL = os.environ.get("FLASHTILE_AOT_FULL", "0") == "1"
-
-
-def _variants():
-    every = list(shipped_variants())
-    if FULL:
-        return every
-    # One variant per (kernel, target, tile, config), the specialisation chosen in rotation.
-    groups = {}
-    for v in every:
-        groups.setdefault((v.kernel, v.capability, v.block_d, v.config), []).append(v)
-    chosen = []
-    for (kernel, capability), keys in itertools.groupby(sorted(groups), key=lambda g: g[:2]):
-        for i, key in enumerate(keys):
-            options = groups[key]
-            chosen.append(options[i % len(options)])
-    return chosen
-
-
-VARIANTS = _variants()
+VARIANTS = list(shipped_variants()) if FULL else sample_variants(shipped_variants())
 
 
 def test_every_kernel_and_target_is_covered():
@@ -46,7 +34,7 @@ def test_every_kernel_and_target_is_covered():
     # each specialisation appears for every kernel on every target
     for kernel, capability in covered:
         mine = [v for v in VARIANTS if (v.kernel, v.capability) == (kernel, capability)]
-        assert {v.dtype for v in mine} == {"fp16", "bf16"}
+        assert {v.dtype for v in mine} == set(SHIPPED_DTYPES[capability])
         assert {v.even_d for v in mine} == {True, False}
 
 
@@ -57,3 +45,6 @@ def test_compiles_within_shared_memory(variant):
     assert compiled.metadata.shared <= variant.shared_memory_limit, (
         f"{variant} needs {compiled.metadata.shared} B of shared memory, "
         f"sm_{variant.capability} allows {variant.shared_memory_limit}")
+    if has_matmul(variant) and (variant.capability >= 80 or turing_tensor_cores()):
+        assert tensor_core_instructions(compiled.asm["ptx"], variant.capability) > 0, (
+            f"{variant}: no tensor-core instruction in its PTX")

@@ -8,6 +8,7 @@ The tests that run kernels (the last sections) run on the interpreter; at real s
 parity suite (tests/test_parity.py) checks the same results on the GPU.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -360,6 +361,47 @@ def test_every_implementation_is_importable_from_flashtile():
     """The Function classes of the registry, under the names it gives them."""
     for entry in REGISTRY.values():
         assert getattr(flashtile, entry.function) is entry.load()
+
+
+# ---------------------------------------------------------------------------------------
+# What the GPU rules out: bf16 before sm_80, and Turing without tensor cores (a warning)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def turing(monkeypatch):
+    """CPU tensors that the checks take for tensors on an sm_75 GPU; the warning not yet given."""
+    from flashtile import interface
+
+    monkeypatch.setattr(interface, "_cuda_capability", lambda t: 75)
+    monkeypatch.setattr(interface, "_warned_no_tensor_cores", False)
+    return interface
+
+
+@pytest.mark.parametrize("impl", TRITON_IMPLEMENTATIONS)
+def test_bf16_on_turing_is_a_type_error(no_kernels, turing, impl):
+    with pytest.raises(TypeError, match=r"bfloat16.*sm_75.*float16"):
+        flashtile.attention(*qkv(dtype=torch.bfloat16), impl=impl)
+    cu_seqlens = torch.tensor([0, 5], dtype=torch.int32)
+    q, k, v = (torch.zeros(5, 2, 8, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(TypeError, match=r"bfloat16.*sm_75"):
+        flashtile.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, 5, 5, impl=impl)
+
+
+def test_turing_without_tensor_cores_warns_once(turing, monkeypatch):
+    from flashtile.triton_kernels import _compat
+
+    monkeypatch.setattr(_compat, "turing_tensor_cores", lambda: False)
+    q = qkv()[0]
+    with pytest.warns(RuntimeWarning, match=r"tensor cores.*pip install .*\"triton==3\.2\.0\""):
+        turing._check_gpu_support(q, "v2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        turing._check_gpu_support(q, "v2")  # once per process: silent now
+    monkeypatch.setattr(_compat, "turing_tensor_cores", lambda: True)
+    monkeypatch.setattr(turing, "_warned_no_tensor_cores", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        turing._check_gpu_support(q, "v2")  # Triton 3.2: nothing to say
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _compat
+
 # log2(e) and ln(2) as compile-time constants (kernels may read only constexpr globals):
 # exp(x) = exp2(x * LOG2_E), log(x) = log2(x) * LN_2. Host code reads LOG2_E.value.
 LOG2_E = tl.constexpr(1.4426950408889634)
@@ -89,8 +91,8 @@ def _forward_configs(capability: int, block_d: int):
         if block_d <= 128:
             return [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
         return [(64, 64, 4, 2), (64, 32, 4, 2)]
-    # sm_75: 64 KB of shared memory; sizes below are the largest that the AOT test found
-    # to fit for fp16 and bf16 alike (bf16 has no MMA there and is widened to fp32).
+    # sm_75: 64 KB of shared memory and fp16 only (Turing has no bf16). Under Triton 3.2
+    # (tensor cores) these use at most 40 KB (`python -m flashtile.aot --arch sm_75`).
     if block_d <= 128:
         return [(64, 64, 4, 2), (64, 32, 4, 2)]
     return [(32, 32, 4, 1)]
@@ -165,7 +167,7 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
                 if (c.kwargs[owned], c.kwargs[looped], c.num_warps, c.num_stages) in wanted]
         return kept or configs[:1]
 
-    return triton.autotune(
+    return _compat.autotune(
         configs=as_triton_configs(union, owned, looped),
         key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
         prune_configs_by={"early_config_prune": prune},

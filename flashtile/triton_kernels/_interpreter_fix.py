@@ -1,4 +1,4 @@
-"""Three fixes for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1), applied only there.
+"""Fixes for the CPU interpreter (TRITON_INTERPRET=1) of Triton 3.6 and 3.2, applied only there.
 
 1. bf16 dot. The interpreter stores bfloat16 tensors as raw uint16 and its `create_dot` hands those
 integers straight to numpy.matmul, so every bf16 `tl.dot` returns garbage (seen here:
@@ -15,6 +15,12 @@ tl.program_id fails. We convert with .item(), which every NumPy accepts.
 GPU's cvt.rn.bf16.f32 rounds to nearest, ties to even. Truncation doubles the rounding error
 of every bf16 output and gradient the kernels store, so CPU tests of bf16 would judge
 a worse kernel than the one that runs. We round to nearest even, as the hardware does.
+
+4. Autotuned kernels, Triton 3.2 only. A 3.2 autotune Config passes its warp-specialisation
+fields (num_buffers_warp_spec, num_consumer_groups, reg_dec_producer, reg_inc_consumer) as
+launch keywords, and 3.2's interpreter strips only num_warps and its like before binding the
+kernel's arguments, so every autotuned kernel fails with "unexpected keyword argument".
+We add those fields to the interpreter's list of launch keywords.
 """
 import numpy as np
 
@@ -49,11 +55,25 @@ def apply():
 
     original_patch_tensor = interpreter._patch_lang_tensor
 
-    def patch_lang_tensor(tensor, scope):
-        original_patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    def index(tensor):
+        return int(tensor.handle.data.item())
+
+    # 3.6 patches tl.tensor through a scope that undoes its patches afterwards; 3.2 sets the
+    # attributes on the class directly.
+    def patch_lang_tensor(tensor, *scope):
+        original_patch_tensor(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+    launch_keywords = getattr(interpreter, "RESERVED_KWS", None)
+    if launch_keywords is not None:
+        for name in ("num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer"):
+            if name not in launch_keywords:
+                launch_keywords.append(name)
 
 
 def _as_float32(handle):

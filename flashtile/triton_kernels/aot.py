@@ -3,21 +3,35 @@
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))` runs the whole
 Triton pipeline down to a cubin (ptxas included) on a machine without a GPU. CI uses it to
 prove that each kernel, with each launch config shipped for a target, compiles for sm_75,
-sm_80 and sm_90 and fits that target's shared memory.
+sm_80 and sm_90, fits that target's shared memory and multiplies on its tensor cores:
+
+    python -m flashtile.aot --arch sm_75 --require-tensor-cores [--sample] [--jobs N]
+
+prints one row per variant (shared memory, tensor-core instructions in the PTX, seconds) and
+exits 1 if any variant fails to compile, exceeds the target's shared memory or, with
+--require-tensor-cores, has a tl.dot but no tensor-core instruction (`mma` on sm_75/sm_80,
+`wgmma` or `mma` on sm_90). Turing's tensor cores need Triton 3.2 (see _compat.py).
 
 A variant is (kernel, target, head-dim bucket, dtype, feature flags, config). The feature
 flags are the constexprs VARLEN, WINDOW_LEFT, WINDOW_RIGHT (causal is WINDOW_RIGHT with
 right = 0), SOFTCAP and GROUPED (grouped-query attention; dK/dV kernels only).
 """
+import argparse
+import concurrent.futures
 import dataclasses
 import itertools
+import multiprocessing
+import os
+import re
+import sys
+import time
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
-from ._common import ROWWISE_BLOCK, ROWWISE_WARPS, SHARED_MEMORY_LIMIT, config_tuples
+from ._compat import TRITON_VERSION, TURING_TRITON_PIP, ast_source, turing_tensor_cores
+from ._common import ROWWISE_BLOCK, ROWWISE_WARPS, SHARED_MEMORY_LIMIT, config_tuples, interpreting
 from . import v1, v2
 
 # kernel name -> (autotuned or plain kernel, config kind, owned block, looped block, fixed constexprs)
@@ -40,6 +54,8 @@ FEATURE_FLAGS = ((False, False, False, False, False), (False, False, True, False
                  (False, True, True, False, True), (False, False, True, True, False),
                  (True, False, True, False, True))
 TARGETS = (75, 80, 90)
+# Turing has no bf16 arithmetic (flashtile.attention refuses bf16 there), so only fp16 ships.
+SHIPPED_DTYPES = {75: ("fp16",), 80: ("fp16", "bf16"), 90: ("fp16", "bf16")}
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
 
@@ -63,10 +79,13 @@ class Variant:
                 f"{'even' if self.even_d else 'odd'}-{'x'.join(map(str, self.config))}")
 
 
-def shipped_variants(targets=TARGETS, dtypes=("fp16", "bf16"), head_dims=HEAD_DIM_BUCKETS,
+def shipped_variants(targets=TARGETS, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
                      flag_sets=FEATURE_FLAGS, kernels=tuple(KERNELS)):
+    """Every variant shipped for `targets`; dtypes=None means each target's SHIPPED_DTYPES."""
     for name, capability, block_d, dtype, flags in itertools.product(kernels, targets, head_dims,
-                                                                     dtypes, flag_sets):
+                                                                     ("fp16", "bf16"), flag_sets):
+        if dtype not in (SHIPPED_DTYPES[capability] if dtypes is None else dtypes):
+            continue
         kind = KERNELS[name][1]
         if kind == "rowwise":
             if any(flags[1:]):  # the row pass has only the VARLEN flag
@@ -104,7 +123,7 @@ def _source(variant: Variant):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return ast_source(fn, signature, constexprs)
 
 
 def compile_variant(variant: Variant):
@@ -113,15 +132,126 @@ def compile_variant(variant: Variant):
     return triton.compile(_source(variant), target=GPUTarget("cuda", variant.capability, 32), options=options)
 
 
-if __name__ == "__main__":
-    import sys
-    import time
+def sample_variants(variants):
+    """One variant per (kernel, target, tile, config), the specialisation (dtype, feature flags,
+    EVEN_D) chosen in rotation, so that every kernel meets each dtype and both EVEN_D on every
+    target, and several feature-flag sets: about a tenth of the full product."""
+    variants = list(variants)
+    groups = {}
+    for v in variants:
+        groups.setdefault((v.kernel, v.capability, v.block_d, v.config), []).append(v)
+    chosen = []
+    for _, keys in itertools.groupby(sorted(groups), key=lambda g: g[:2]):
+        for i, key in enumerate(keys):
+            options = groups[key]
+            chosen.append(options[i % len(options)])
+    return chosen
 
-    targets = tuple(int(t) for t in sys.argv[1].split(",")) if len(sys.argv) > 1 else TARGETS
+
+# ---------------------------------------------------------------------------------------
+# Checks: shared memory and tensor cores
+# ---------------------------------------------------------------------------------------
+
+def has_matmul(variant: Variant) -> bool:
+    """Whether the kernel multiplies tiles (tl.dot); the row-wise pass does not."""
+    return KERNELS[variant.kernel][1] != "rowwise"
+
+
+def tensor_core_instructions(ptx: str, capability: int) -> int:
+    """Tensor-core instructions in the PTX: mma.sync (sm_75+) or, on sm_90, also wgmma."""
+    pattern = r"^\s*(wgmma\.mma_async|mma\.sync)" if capability >= 90 else r"^\s*mma\.sync"
+    return len(re.findall(pattern, ptx, flags=re.MULTILINE))
+
+
+@dataclasses.dataclass
+class Result:
+    variant: Variant
+    shared: int = 0
+    mma: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def problems(self, require_tensor_cores: bool):
+        if self.error:
+            return [f"compile error: {self.error}"]
+        found = []
+        if self.shared > self.variant.shared_memory_limit:
+            found.append(f"shared memory {self.shared} > {self.variant.shared_memory_limit}")
+        if require_tensor_cores and has_matmul(self.variant) and self.mma == 0:
+            found.append("no tensor-core instruction")
+        return found
+
+
+def check_variant(variant: Variant) -> Result:
+    """Compile one variant and measure what the checks need (never raises)."""
     start = time.time()
-    for variant in shipped_variants(targets=targets, dtypes=("fp16",), flag_sets=FEATURE_FLAGS[1:2]):
-        t0 = time.time()
+    try:
         compiled = compile_variant(variant)
-        print(f"{str(variant):60s} shared {compiled.metadata.shared:7d} / {variant.shared_memory_limit} "
-              f"regs {compiled.n_regs if hasattr(compiled, 'n_regs') else '?'} {time.time() - t0:.1f}s", flush=True)
-    print(f"total {time.time() - start:.0f}s")
+    except Exception as error:  # reported in the table, not raised: the sweep goes on
+        message = " ".join(str(error).split())
+        return Result(variant, seconds=time.time() - start, error=f"{type(error).__name__}: {message[:200]}")
+    return Result(variant, compiled.metadata.shared, tensor_core_instructions(compiled.asm["ptx"], variant.capability),
+                  time.time() - start)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: python -m flashtile.aot
+# ---------------------------------------------------------------------------------------
+
+def _capability(arch: str) -> int:
+    match = re.fullmatch(r"(?:sm_?)?(\d\d)", arch)
+    if match is None or int(match.group(1)) not in TARGETS:
+        raise argparse.ArgumentTypeError(f"--arch must be one of {', '.join(f'sm_{t}' for t in TARGETS)}, got {arch!r}")
+    return int(match.group(1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flashtile.aot",
+        description="Compile every kernel variant shipped for a GPU target, without a GPU, and check that "
+                    "each fits the target's shared memory (and, optionally, uses its tensor cores).")
+    parser.add_argument("--arch", type=_capability, action="append",
+                        help="sm_75, sm_80 or sm_90; repeat for several (default: all three)")
+    parser.add_argument("--require-tensor-cores", action="store_true",
+                        help="fail if a kernel with a matmul has no mma (wgmma or mma on sm_90) in its PTX")
+    parser.add_argument("--sample", action="store_true",
+                        help="one variant per (kernel, tile, config), specialisations rotated (about a tenth of "
+                             "the full product; what CI runs)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="print only the variants that fail, and the summary")
+    args = parser.parse_args(argv)
+    if interpreting():
+        parser.error("TRITON_INTERPRET=1 is set: the interpreter has no compiler; run with TRITON_INTERPRET=0")
+    targets = tuple(dict.fromkeys(args.arch or TARGETS))
+    variants = list(shipped_variants(targets=targets))
+    if args.sample:
+        variants = sample_variants(variants)
+    triton_version = ".".join(map(str, TRITON_VERSION))
+    print(f"flashtile aot: {len(variants)} variants for {', '.join(f'sm_{t}' for t in targets)} "
+          f"({'sample' if args.sample else 'full'}), triton {triton_version}, {args.jobs} jobs", flush=True)
+
+    start = time.time()
+    failures = []
+    print(f"{'variant':64s} {'shared':>14s} {'mma':>5s} {'s':>5s}  status")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for result in pool.map(check_variant, variants):
+            problems = result.problems(args.require_tensor_cores)
+            if problems:
+                failures.append((result, problems))
+            if problems or not args.quiet:
+                shared = f"{result.shared}/{result.variant.shared_memory_limit}"
+                mma = str(result.mma) if has_matmul(result.variant) else "-"
+                print(f"{str(result.variant):64s} {shared:>14s} {mma:>5s} {result.seconds:5.1f}  "
+                      f"{'; '.join(problems) or 'ok'}", flush=True)
+    print(f"{len(variants) - len(failures)} of {len(variants)} variants ok in {time.time() - start:.0f} s")
+    if failures:
+        print(f"FAILED: {len(failures)} variants", file=sys.stderr)
+        if 75 in targets and args.require_tensor_cores and not turing_tensor_cores():
+            print(f"Triton {triton_version} emits no tensor-core instructions for sm_75; "
+                  f"for a T4: {TURING_TRITON_PIP}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
