@@ -30,7 +30,10 @@ if [[ ! -x $python ]]; then
 fi
 echo "== installing into .venv-triton32 (PyTorch 2.13.0 CPU wheel, triton 3.2.0)"
 $python -m pip install -q "torch==2.13.0" "triton==3.2.0" numpy pytest hypothesis || exit 1
-kernel_tests=(tests/test_attention_cpu.py tests/test_parity.py tests/test_interface.py)
+# The files that run Triton kernels; the CUDA reference (impl="cuda") and the property test do
+# not depend on Triton's version and run in the main pass.
+kernel_tests=(tests/test_parity.py tests/test_interface.py)
+not_here="not cuda and not property"
 $python -c "import sys, torch, triton; print('torch', torch.__version__, '| triton', triton.__version__); \
 sys.exit(0 if triton.__version__.startswith('3.2.') else 'expected triton 3.2.x')" || exit 1
 echo "== set-up took $((SECONDS - start)) s"
@@ -45,8 +48,9 @@ echo "== pass aot-sm75-triton32: $((SECONDS - pass_start)) s"
 
 pass_start=$SECONDS
 echo
-echo "== pass interpreter-triton32: TRITON_INTERPRET=1 python -m pytest -q -ra ${kernel_tests[*]}"
-TRITON_INTERPRET=1 $python -m pytest -q -ra -p no:cacheprovider "${kernel_tests[@]}" || failed+=(interpreter-triton32)
+echo "== pass interpreter-triton32: TRITON_INTERPRET=1 python -m pytest -q -ra -k '$not_here' ${kernel_tests[*]}"
+TRITON_INTERPRET=1 $python -m pytest -q -ra -p no:cacheprovider -k "$not_here" "${kernel_tests[@]}" \
+  || failed+=(interpreter-triton32)
 echo "== pass interpreter-triton32: $((SECONDS - pass_start)) s"
 
 echo

@@ -179,12 +179,16 @@ def test_host_memory_tracker_sees_quadratic_scores():
     assert large.peak >= 256 * 256 * 4 and large.peak > 8 * small.peak
 
 
+@pytest.mark.interpreter  # the CPU path of the command; a GPU machine's pytest leaves it out
 def test_quick_cpu_run_writes_its_report_under_results_tmp(tmp_path):
     """The whole command as a user runs it, from a directory of their own: every part, a
-    markdown report on stdout, and bench.json, report.md and the plots under results_tmp/."""
+    markdown report on stdout, and bench.json, report.md and the plots under results_tmp/.
+    One Triton implementation (v2) keeps it short: the parity suite runs them all."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib: pip install flashtile[bench]")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([sys.executable, "-m", "flashtile.bench", "--quick", "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "flashtile.bench", "--quick", "--no-progress",
+                          "--impls", "v2,cuda,sdpa_flash,flex,naive"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "CPU figures" in run.stderr and "say nothing about GPU speed" in run.stdout
@@ -194,11 +198,11 @@ def test_quick_cpu_run_writes_its_report_under_results_tmp(tmp_path):
     (out,) = (tmp_path / "results_tmp").iterdir()
     data = json.loads((out / "bench.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["settings"]["mode"] == "cpu_quick"
-    triton_impls = set(flashtile.registry.TRITON_IMPLEMENTATIONS)
+    triton_impls = {"v2"}
     assert triton_impls <= set(data["settings"]["impls"])
     for part in ("rows", "memory", "stability", "features", "window_sweep"):
         assert data[part], part
-    # Plain attention runs in every flashtile implementation today, forward and backward.
+    # Plain attention runs, forward and backward.
     for part in ("rows", "memory", "stability"):
         failed = [r for r in data[part] if r["impl"] in triton_impls and "error" in r]
         assert not failed, failed
