@@ -376,6 +376,33 @@ def query_range(k_start, n_q, n_k, window_left, window_right, BLOCK_N: tl.conste
 
 
 @triton.jit
+def key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """The key blocks a query block visits, as (start, first_full, end_full, hi): masked
+    [start, first_full) (the window's left edge), unmasked [first_full, end_full), masked
+    [end_full, hi) (the diagonal, or the sequence's last partial block)."""
+    lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
+                                       WINDOW_LEFT, WINDOW_RIGHT)
+    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_N)
+    return start, first_full, end_full, hi
+
+
+@triton.jit
+def query_blocks(k_first, n_q, n_k, window_left, window_right, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """The query blocks a key block visits, as (start, first_full, end_full, hi): masked
+    [start, first_full) (the diagonal), unmasked [first_full, end_full), masked [end_full, hi)
+    (the window's left edge). Without a left edge the last, partial query block needs no
+    mask: its missing rows load as zeros with L = +inf, so their P is 0."""
+    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
+                                         WINDOW_LEFT, WINDOW_RIGHT)
+    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)
+    if not WINDOW_LEFT:
+        end_full = hi
+    return start, first_full, end_full, hi
+
+
+@triton.jit
 def is_visible(query, key, n_q, n_k, window_left, window_right,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """Bool tile: key index `key` exists and query `query` sees it under the window.

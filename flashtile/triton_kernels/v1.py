@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Problem, autotuned, d_contiguous, head_start, is_visible, key_range, load_tile,
-                      program_block, query_range, row_strides, sequence, softcap_chain, split_blocks,
+from ._common import (Problem, autotuned, d_contiguous, head_start, is_visible, key_blocks, load_tile,
+                      program_block, query_blocks, row_strides, sequence, softcap_chain,
                       stat_strides, store_tile, tanh, tile_pointers)
 
 
@@ -123,9 +123,8 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM, CU_SEQLENS_Q, CU_SEQLENS_K,
     out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                       WINDOW_LEFT, WINDOW_RIGHT)
-    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_N)
+    start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                                 WINDOW_LEFT, WINDOW_RIGHT)
     if WINDOW_LEFT:
         out, row_max, row_sum = _forward_key_loop(
             out, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, start, first_full,
@@ -231,13 +230,8 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS
                   EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
-                                         WINDOW_LEFT, WINDOW_RIGHT)
-    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)
-    if not WINDOW_LEFT:
-        # The last, partial query block needs no mask here: its missing rows load as zeros
-        # with L = +inf, so P = 0 for them (load_row_stats).
-        end_full = hi
+    start, first_full, end_full, hi = query_blocks(k_first, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
+                                                   WINDOW_LEFT, WINDOW_RIGHT)
     # Without GQA the loop below has one trip, known at compile time, and folds away.
     members = group if GROUPED else 1
     for member in range(members):  # each query head that reads this K/V head, in order

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, d_contiguous, head_dim_args,
-                      head_start, is_visible, key_range, load_tile, program_block, query_range, row_strides,
-                      scores_in_log2, sequence, softcap_chain, split_blocks, stat_strides, store_tile,
+                      head_start, is_visible, key_blocks, load_tile, program_block, query_blocks, row_strides,
+                      scores_in_log2, sequence, softcap_chain, stat_strides, store_tile,
                       tile_pointers)
 
 
@@ -105,9 +105,8 @@ def _v2_forward_kernel(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                       WINDOW_LEFT, WINDOW_RIGHT)
-    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_N)
+    start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                                 WINDOW_LEFT, WINDOW_RIGHT)
     if WINDOW_LEFT:  # blocks on the window's left edge
         acc, row_max, row_sum = _forward_key_loop(
             acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, start, first_full,
@@ -254,13 +253,8 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     v = load_tile(tile_pointers(v_start, k_first, local_keys, dims, stride_vn), keys, n_k, dims, head_dim, EVEN_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
-                                         WINDOW_LEFT, WINDOW_RIGHT)
-    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)
-    if not WINDOW_LEFT:
-        # The last, partial query block needs no mask here: its missing rows load as zeros
-        # with L = +inf, so P = 0 for them (load_row_stats).
-        end_full = hi
+    start, first_full, end_full, hi = query_blocks(k_first, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
+                                                   WINDOW_LEFT, WINDOW_RIGHT)
     # Without GQA the loop below has one trip, known at compile time, and folds away.
     members = group if GROUPED else 1
     for member in range(members):  # line 8, for each query head that reads this K/V head
@@ -355,9 +349,8 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_start = head_start(K, batch, kv_head, k_row0, stride_kb, stride_kh, stride_kn)
     v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
-    lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                       WINDOW_LEFT, WINDOW_RIGHT)
-    start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_N)
+    start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                                 WINDOW_LEFT, WINDOW_RIGHT)
     if WINDOW_LEFT:
         dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, start,
                           first_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
