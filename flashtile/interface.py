@@ -248,13 +248,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     scale, left, right, softcap = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, causal, scale, impl, return_lse, window_size,
                                                       softcap)
-    if max_seqlen_q is None or max_seqlen_k is None or not q.is_cuda:
+    # Under torch.compile the values are symbols, not numbers: no check can branch on them.
+    compiling = torch.compiler.is_compiling()
+    if max_seqlen_q is None or max_seqlen_k is None or not (q.is_cuda or compiling):
         # One device-to-host copy (a sync on the GPU, free on the CPU): the longest sequences,
         # and the totals, which must be the tokens of q and k.
         longest_q, longest_k, total_q, total_k = torch.stack(
             [cu_seqlens_q.diff().max(), cu_seqlens_k.diff().max(), cu_seqlens_q[-1], cu_seqlens_k[-1]]).tolist()
         for name, total, tokens in (("cu_seqlens_q", total_q, q.shape[0]), ("cu_seqlens_k", total_k, k.shape[0])):
-            if total != tokens:
+            if not compiling and total != tokens:
                 raise ValueError(f"{name} ends at {total}, but {'q' if name[-1] == 'q' else 'k and v'} "
                                  f"have {tokens} tokens")
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
