@@ -227,7 +227,10 @@ def finish(results, env, out_dir, plots=True):
         f.write(text + "\n")
     written = [name for name in ("bench.json", "report.md") if os.path.exists(os.path.join(out_dir, name))]
     if plots:
-        from .plots import write_plots
+        try:
+            from .plots import write_plots
 
-        written += write_plots(results, env, out_dir)
+            written += write_plots(results, env, out_dir)
+        except ImportError as error:  # matplotlib is the bench extra, not a dependency
+            print(f"flashtile-bench: no plots ({error}; pip install flashtile[bench])", file=sys.stderr)
     print(f"\nwrote {', '.join(written)} under {out_dir}")
