@@ -187,7 +187,7 @@ def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softca
     return (out, lse) if return_lse else out
 
 
-def _check_cu_seqlens(name, cu, q, total):
+def _check_cu_seqlens(name, cu, q):
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -218,8 +218,8 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if tk != tv:
         raise ValueError(f"k and v must have the same number of tokens, got {tk} and {tv}")
     _check_heads_and_dims(hq, hk, hv, dq, dk, dv)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, tq)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, tk)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got lengths "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
