@@ -15,10 +15,17 @@
   reason, when the interpreter is off (a GPU machine running without TRITON_INTERPRET=1).
 - `@pytest.mark.aot` tests (the ahead-of-time compile sweep) need compiled JIT functions
   and are skipped under the interpreter; plain `pytest` deselects them (pyproject.toml).
+- On a GPU, once the session's tests are collected, tests/warm_triton_cache.py compiles the
+  parity grid's kernels in background processes (when test_parity's GPU tests are among
+  them and pytest-xdist is not in use); FLASHTILE_WARM_CACHE=0 switches it off.
 - Inputs come from flashtile.testing's factories; they are re-exported here for the scripts
   that import them from tests/.
 """
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -79,6 +86,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_interpreter)
         if "aot" in item.keywords and INTERPRETING:
             item.add_marker(interpreted)
+
+
+_warm_cache = None
+
+
+def pytest_collection_finish(session):
+    """Start compiling the parity grid's kernels in the background (warm_triton_cache.py)."""
+    global _warm_cache
+    if (not HAS_CUDA or INTERPRETING or "PYTEST_XDIST_WORKER" in os.environ
+            or os.environ.get("FLASHTILE_WARM_CACHE", "1") == "0"):
+        return
+    if not any(item.path.name == "test_parity.py" and "gpu" in item.keywords for item in session.items):
+        return
+    log = os.path.join(tempfile.gettempdir(), "flashtile-warm-triton-cache.log")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_triton_cache.py")
+    with open(log, "w") as out:
+        # A session of its own, so that its pool of processes can be stopped with it.
+        _warm_cache = subprocess.Popen([sys.executable, script], stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"compiling the GPU parity grid's kernels in the background (log: {log})")
+
+
+def pytest_sessionfinish(session):
+    if _warm_cache is not None and _warm_cache.poll() is None:
+        os.killpg(_warm_cache.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------
