@@ -1,8 +1,10 @@
 """The benchmark command (flashtile.bench) on the CPU: its options fail cleanly, its FLOP counts
 are attention_flops' over the visible keys, PyTorch's peers do the same work as flashtile, a
-failing contender becomes a recorded failure, and the quick run writes its report. (Its GPU
+failing contender becomes a recorded failure, the quick run writes its report, and the
+training part trains each attention implementation from the same start. (Its GPU
 figures come from the device runs; see the results document.)"""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import flashtile
-from flashtile.bench import cli, features, grid, impls, measure, report
+from flashtile.bench import cli, features, grid, impls, measure, report, training
 from flashtile.reference import attention_flops, attention_reference, varlen_attention_reference, visible_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,3 +241,38 @@ def test_source_commit_marks_a_tree_that_differs_from_head(tmp_path, monkeypatch
     plain.mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert report.source_commit(str(plain)) == "unknown"
+
+
+def test_the_training_part_without_transformers_is_one_line_naming_the_extra(monkeypatch, capsys):
+    monkeypatch.setattr(training, "transformers_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--parts", "speed,training"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install flashtile[transformers]" in err, err
+    assert "training" not in cli.parse_args([]).parts  # the default parts need no extra
+
+
+@pytest.mark.interpreter
+def test_training_part_trains_each_implementation_from_the_same_start(tmp_path, capsys):
+    """The training part at its CPU size: flashtile, sdpa and eager each train the same tiny
+    Llama on the same batches, with a finite loss and a time for every step."""
+    pytest.importorskip("transformers", reason=training.EXTRA_HINT)
+    cli.main(["--parts", "training", "--out", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows, steps = data["training"], data["settings"]["training"]["steps"]
+    assert steps == cli.TRAINING_CPU.steps and [r["impl"] for r in rows] == training.implementations()
+    for r in rows:
+        assert "error" not in r, r
+        assert len(r["losses"]) == len(r["step_ms"]) == steps, r
+        assert all(math.isfinite(loss) for loss in r["losses"]) and all(ms > 0 for ms in r["step_ms"]), r
+        assert r["median_step_ms"] > 0 and r["tokens_per_s"] > 0 and 0 < r["loss_floor"] < r["losses"][0], r
+    assert len({r["init_checksum"] for r in rows}) == 1 and len({r["data_checksum"] for r in rows}) == 1
+    assert set(training.loss_gaps(rows)) == {training.implementations()[0], training.YARDSTICK}
+    out = capsys.readouterr().out
+    assert "Training a small Llama" in out and "same initial weights" in out and "| eager |" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,24 +14,34 @@ from functools import partial
 
 import torch
 
-from . import features, grid, report
+from . import features, grid, report, training
 from .features import FeatureSizes
 from .impls import ALL_IMPLS, default_impls
+from .training import TrainingSizes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-PARTS = ("speed", "memory", "stability", "features", "window_sweep")
+PARTS = ("speed", "memory", "stability", "features", "window_sweep", "training")
+# Training a model needs an optional extra (transformers) and measures the model, not the kernels: on request only.
+DEFAULT_PARTS = tuple(part for part in PARTS if part != "training")
 
 # The sizes of each mode. Speed runs B = tokens / N, H = model dim / D on the GPU, B 1, H 2 on
-# the CPU; memory B 1 and the same H; stability B 1, H 4 (GPU) or 2 (CPU).
+# the CPU; memory B 1 and the same H; stability B 1, H 4 (GPU) or 2 (CPU). Training: a Llama
+# whose step takes tens of ms on an H100 (GPU), or a few layers the interpreter runs in seconds.
+TRAINING_GPU = TrainingSizes(hidden=512, layers=8, heads=8, kv_heads=2, head_dim=64, intermediate=1408, vocab=4096,
+                             seq=1024, batch=8, steps=100)
+TRAINING_CPU = TrainingSizes(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=128,
+                             seq=32, batch=2, steps=3, warmup=2)
 GRIDS = {
     "gpu": dict(seqs=(256, 512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
-                stability_seqs=(256, 1024, 4096), features=FeatureSizes(16384, 128, 16, (32, 4), 4096)),
+                stability_seqs=(256, 1024, 4096), features=FeatureSizes(16384, 128, 16, (32, 4), 4096),
+                training=TRAINING_GPU),
     "gpu_quick": dict(seqs=(1024, 2048), head_dims=(64,), stability_seqs=(256, 1024),
-                      features=FeatureSizes(4096, 128, 16, (32, 4), 1024)),
+                      features=FeatureSizes(4096, 128, 16, (32, 4), 1024),
+                      training=dataclasses.replace(TRAINING_GPU, steps=30)),
     "cpu": dict(seqs=(32, 64, 128), head_dims=(32,), stability_seqs=(32, 64, 128),
-                features=FeatureSizes(128, 16, 2, (8, 1), 32)),
+                features=FeatureSizes(128, 16, 2, (8, 1), 32), training=TRAINING_CPU),
     "cpu_quick": dict(seqs=(16, 32), head_dims=(16,), stability_seqs=(16, 32),
-                      features=FeatureSizes(32, 16, 2, (8, 1), 8)),
+                      features=FeatureSizes(32, 16, 2, (8, 1), 8), training=dataclasses.replace(TRAINING_CPU, steps=2)),
 }
 
 
@@ -39,7 +49,7 @@ def describe_grid(mode):
     g = GRIDS[mode]
     join = lambda xs: ",".join(map(str, xs))  # noqa: E731
     return (f"speed/memory N {join(g['seqs'])} D {join(g['head_dims'])}; stability N {join(g['stability_seqs'])}; "
-            f"features/window sweep {g['features'].describe()}")
+            f"features/window sweep {g['features'].describe()}; training {g['training'].describe()}")
 
 
 CPU_MODE = ("Triton's interpreter and PyTorch on the host, speed/memory at B 1 H 2, FlexAttention uncompiled "
@@ -80,8 +90,9 @@ def parse_args(argv):
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=f"grids without --quick: on a GPU, {describe_grid('gpu')}; without a GPU ({CPU_MODE}), "
                     f"{describe_grid('cpu')}. Speed runs B = tokens / N, H = model dim / D on a GPU.")
-    parser.add_argument("--parts", type=comma_list(PARTS), default=list(PARTS),
-                        help=f"which measurements, from {','.join(PARTS)} (default: all)")
+    parser.add_argument("--parts", type=comma_list(PARTS), default=list(DEFAULT_PARTS),
+                        help=f"which measurements, from {','.join(PARTS)} (default: all but training, which "
+                        "needs pip install flashtile[transformers])")
     parser.add_argument("--impls", type=comma_list(ALL_IMPLS), default=None,
                         help=f"contenders, from {','.join(ALL_IMPLS)} (default: all that can run here)")
     parser.add_argument("--dtypes", type=comma_list(tuple(DTYPES)), default=["fp16"], help="fp16, bf16 or fp16,bf16")
@@ -95,6 +106,9 @@ def parse_args(argv):
     parser.add_argument("--stability-seqs", type=comma_list(item=int), default=None,
                         help="sequence lengths of the stability table (default: the grid's; float64 needs "
                         "B H N^2 * 8 bytes a matrix)")
+    parser.add_argument("--train-steps", type=positive_int, default=None,
+                        help="optimizer steps of the training part (default: the grid's; 100 on a GPU). Training "
+                        "always runs a bf16 model, whatever --dtypes says")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small grid. On a GPU: {describe_grid('gpu_quick')}. Without a GPU ({CPU_MODE}): "
                         f"{describe_grid('cpu_quick')}")
@@ -109,6 +123,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.from_json and not os.path.isfile(args.from_json):
         parser.error(f"argument --from-json: no such file {args.from_json!r}")
+    if "training" in args.parts and not args.from_json and not training.transformers_available():
+        parser.error(training.EXTRA_HINT)
     return args
 
 
@@ -146,6 +162,10 @@ def plan(args, on_gpu):
     seqs, head_dims = args.seqs or sizes["seqs"], args.head_dims or sizes["head_dims"]
     stability_seqs = args.stability_seqs or sizes["stability_seqs"]
     feature_sizes = sizes["features"]
+    training_sizes = sizes["training"]
+    if args.train_steps:
+        training_sizes = dataclasses.replace(training_sizes, steps=args.train_steps,
+                                             warmup=min(training_sizes.warmup, args.train_steps))
     causals = [c == "1" for c in args.causal]
     dtypes = [DTYPES[name] for name in args.dtypes]
     impls = args.impls or default_impls(on_gpu)
@@ -181,10 +201,13 @@ def plan(args, on_gpu):
         elif part == "window_sweep":
             steps += [(part, f"{dt}", partial(features.window_sweep_rows, feature_sizes, impls, dt, device, cpu_reps))
                       for dt in dtypes]
+        elif part == "training":
+            steps += [(part, name, partial(training.training_row, training_sizes, name, device))
+                      for name in training.implementations()]
     settings = dict(mode=mode, parts=args.parts, impls=impls, dtypes=args.dtypes, seqs=list(seqs),
                     head_dims=list(head_dims), causal=causals, stability_seqs=list(stability_seqs),
-                    features=dataclasses.asdict(feature_sizes), tokens=args.tokens, model_dim=args.model_dim,
-                    quick=args.quick)
+                    features=dataclasses.asdict(feature_sizes), training=dataclasses.asdict(training_sizes),
+                    tokens=args.tokens, model_dim=args.model_dim, quick=args.quick)
     return steps, settings
 
 

@@ -11,7 +11,9 @@ factor LOG_SPAN (one slow contender would otherwise squash the others flat).
   PyTorch's own same-precision error dashed in black;
 - features.png: TFLOP/s forward and forward+backward per contender, one panel per workload;
 - window_sweep.png: forward and forward+backward ms against the window width, log-log, with a
-  guide of slope 1 (cost proportional to the width).
+  guide of slope 1 (cost proportional to the width);
+- training.png: the loss curve of each attention implementation, and each one's |loss - sdpa's
+  loss| per step (log scale), the noise yardstick (eager) beside flashtile.
 
 Points that failed (OOM or not applicable) are left out; the legend says from which N a
 contender ran out of memory.
@@ -19,6 +21,7 @@ contender ran out of memory.
 import os
 
 from .grid import TORCH_SAME_PRECISION
+from .training import REFERENCE
 
 QUANTITY_LABELS = {"out": "O", "dq": "dQ", "dk": "dK", "dv": "dV"}
 LOG_SPAN = 20.0
@@ -211,6 +214,33 @@ def _window_sweep_plot(plt, rows, styles, out_dir, env):
     return _save(plt, fig, out_dir, "window_sweep.png")
 
 
+def _training_plot(plt, rows, styles, out_dir, env):
+    done = [r for r in rows if "losses" in r]
+    reference = next((r for r in done if r["impl"] == REFERENCE), None)
+    fig, axes = _figure(plt, 1, 2, f"Training a small Llama on {_where(env)}\n{done[0]['model']}", width=5.0,
+                        height=4.0)
+    for r, linestyle in zip(done, ("-", "--", ":", "-.") * len(done)):  # the curves overlap: tell them apart
+        steps = range(1, len(r["losses"]) + 1)
+        axes[0][0].plot(steps, r["losses"], label=r["impl"], linewidth=1.5, linestyle=linestyle,
+                        **dict(styles[r["impl"]], marker=None))
+        if reference is not None and r is not reference:
+            gaps = [abs(a - b) for a, b in zip(r["losses"], reference["losses"])]
+            axes[0][1].plot(steps, gaps, label=r["impl"], linewidth=1, **dict(styles[r["impl"]], marker=None))
+    axes[0][0].axhline(done[0]["loss_floor"], color="grey", linestyle=":", label="best possible loss")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][0].set_title("loss per step")
+    axes[0][1].set_ylabel(f"abs(loss - {REFERENCE} loss)")
+    axes[0][1].set_title(f"gap to {REFERENCE}'s curve")
+    gap_lines = axes[0][1].get_lines()
+    if gap_lines and all(min(line.get_ydata()) > 0 for line in gap_lines):
+        axes[0][1].set_yscale("log")
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, which="both", alpha=0.3)
+    return _save(plt, fig, out_dir, "training.png")
+
+
 def write_plots(results, env, out_dir):
     """Write the plots of whichever parts `results` holds; return the file names."""
     plt = _pyplot()
@@ -233,4 +263,6 @@ def write_plots(results, env, out_dir):
         written.append(_features_plot(plt, results["features"], styles, out_dir, env))
     if results.get("window_sweep"):
         written.append(_window_sweep_plot(plt, results["window_sweep"], styles, out_dir, env))
+    if any("losses" in r for r in results.get("training", [])):
+        written.append(_training_plot(plt, results["training"], styles, out_dir, env))
     return written

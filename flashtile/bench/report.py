@@ -1,7 +1,8 @@
 """The benchmark's report: the environment it ran in, markdown tables, and bench.json.
 
 bench.json holds {"environment", "settings", "rows" (speed), "memory", "stability",
-"features", "window_sweep"}: every measurement, so that the tables and plots can be made
+"features", "window_sweep", "training"}: every measurement (training rows with their per-step
+losses and times), so that the tables and plots can be made
 again from it (`--from-json`).
 """
 import json
@@ -15,11 +16,12 @@ import torch
 from ..testing import QUANTITIES
 from .grid import TORCH_SAME_PRECISION
 from .impls import cuda_reference_built
+from .training import REFERENCE, YARDSTICK, loss_gaps
 
 CPU_NOTE = ("NOTE: no CUDA device. These are CPU figures (Triton's interpreter, PyTorch on the host) "
             "at tiny sizes: they check that the benchmark runs and say nothing about GPU speed.")
 PARTS_IN_JSON = {"speed": "rows", "memory": "memory", "stability": "stability", "features": "features",
-                 "window_sweep": "window_sweep"}
+                 "window_sweep": "window_sweep", "training": "training"}
 
 
 def source_commit(where=os.path.dirname(os.path.abspath(__file__))):
@@ -153,6 +155,38 @@ def window_sweep_table(rows):
     return grid_table(rows, lambda r: pair(r, "fwd_ms", "fwd_bwd_ms"), key_names=("dtype", "window"))
 
 
+def training_table(rows):
+    """One line per attention implementation: step time, throughput, memory, the loss curve's
+    ends and its gap to sdpa's."""
+    gaps = loss_gaps(rows)
+    lines = ["| attn_implementation | median step, ms | tokens/s | peak MiB | loss first -> last | "
+             f"max / mean abs(loss - {REFERENCE} loss) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | " + " | ".join(["OOM" if r["error"] == "OOM" else "n.a."] * 5) + " |")
+            continue
+        gap = f"{gaps[r['impl']][0]:.3g} / {gaps[r['impl']][1]:.3g}" if r["impl"] in gaps else "-"
+        lines.append(f"| {r['impl']} | {value(r, 'median_step_ms')} | {r['tokens_per_s']:.0f} | {value(r, 'peak_mib')} "
+                     f"| {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} | {gap} |")
+    return "\n".join(lines)
+
+
+def training_notes(rows):
+    """What the training table's figures mean, and whether the runs started from the same place."""
+    done = [r for r in rows if "losses" in r]
+    if not done:
+        return ""
+    same = len({r["init_checksum"] for r in done}) == 1 and len({r["data_checksum"] for r in done}) == 1
+    first = done[0]
+    return (f"{first['model']}; {first['precision']}; AdamW, linear warm-up. Every run starts from the "
+            f"{'same' if same else 'DIFFERENT (check!)'} initial weights on the same batches of a random sparse "
+            f"Markov chain (best possible loss {first['loss_floor']:.3f}). Step time: the median over the steps "
+            f"after the first {first['untimed_steps']}. The noise yardstick for flashtile's gap to {REFERENCE}'s "
+            f"curve is {YARDSTICK}'s gap to it: {YARDSTICK} attention is another correct bf16 computation of the "
+            "same model on the same data."
+            + ("" if "peak_mib" in first else " Peak memory is measured on the GPU only."))
+
+
 def errors_in(rows):
     """The distinct non-OOM errors, so that an n.a. in a table can be looked up."""
     who = {}  # error -> the contenders it stopped
@@ -188,6 +222,7 @@ def markdown(results, env):
         lines.append(env["note"])
     speed, memory, stability = results.get("speed", []), results.get("memory", []), results.get("stability", [])
     features, sweep = results.get("features", []), results.get("window_sweep", [])
+    trained = results.get("training", [])
     if speed:
         lines += ["", f"### Forward / forward+backward TFLOP/s ({grid_shape(speed)})", "", speed_table(speed),
                   "", "### Forward / forward+backward latency, ms", "", latency_table(speed),
@@ -208,7 +243,10 @@ def markdown(results, env):
         lines += ["", f"### Causal sliding window: ms forward / forward+backward by window width ({sweep[0]['shape']}"
                   "; a kernel that skips the blocks outside the window costs in proportion to the width)", "",
                   window_sweep_table(sweep)]
-    notes = errors_in(speed + memory + stability + features + sweep)
+    if trained:
+        lines += ["", "### Training a small Llama: step time and loss curve beside sdpa's", "", training_notes(trained),
+                  "", training_table(trained)]
+    notes = errors_in(speed + memory + stability + features + sweep + trained)
     if notes:
         lines += ["", "n.a. means:"] + notes
     return "\n".join(lines)
