@@ -96,15 +96,18 @@ def _max_error(x, truth):
     return (x - truth).abs().max().item()
 
 
-def check_padded_batch(family, dtype, device, lengths, n, sides):
+def check_padded_batch(family, dtype, device, lengths, n, sides, autocast=False):
+    """autocast: float32 weights run under torch.autocast(dtype) (the usual way to train in
+    mixed precision) instead of weights cast to dtype."""
     reference = _model(family, "eager", device)
-    model_eager = copy.deepcopy(reference).to(dtype)
+    model_eager = copy.deepcopy(reference) if autocast else copy.deepcopy(reference).to(dtype)
     model_flashtile = copy.deepcopy(model_eager)
     model_flashtile.set_attn_implementation("flashtile")
     input_ids, attention_mask = _padded_batch(lengths, n, reference.config.vocab_size, device, sides)
     truth = _logits_and_grads(reference, input_ids, attention_mask)
-    eager = _logits_and_grads(model_eager, input_ids, attention_mask)
-    flashtile = _logits_and_grads(model_flashtile, input_ids, attention_mask)
+    with torch.autocast(device, dtype=dtype, enabled=autocast):
+        eager = _logits_and_grads(model_eager, input_ids, attention_mask)
+        flashtile = _logits_and_grads(model_flashtile, input_ids, attention_mask)
     problems = []
     for name, truth_value, eager_value, value in (
             [("logits", truth[0], eager[0], flashtile[0])]
@@ -137,6 +140,12 @@ def test_padded_batch_cpu(family):
 
 
 @interpreter
+def test_autocast_cpu():
+    """float32 weights under bf16 autocast: the rotary embedding hands flashtile float32 q and k."""
+    check_padded_batch("llama", torch.bfloat16, "cpu", lengths=[16, 11], n=16, sides="right", autocast=True)
+
+
+@interpreter
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_left_padded_cpu(family):
     check_generate(family, torch.float16, "cpu", lengths=[10, 4], n=10, new_tokens=6)
@@ -147,6 +156,11 @@ def test_generate_left_padded_cpu(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padded_batch_gpu(family, dtype):
     check_padded_batch(family, dtype, "cuda", lengths=[300, 173, 257], n=300, sides=["right", "right", "left"])
+
+
+@pytest.mark.gpu
+def test_autocast_gpu():
+    check_padded_batch("gemma2", torch.bfloat16, "cuda", lengths=[300, 173], n=300, sides="right", autocast=True)
 
 
 @pytest.mark.gpu

@@ -48,6 +48,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError(f"attn_implementation='flashtile' takes a 2-D (batch, keys) mask of the real tokens, got an "
                          f"attention_mask of shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; an "
                          "arbitrary (4-D or float) mask needs attn_implementation='sdpa' or 'eager'")
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # Under autocast the rotary embedding hands back float32 q and k (its cos and sin follow
+        # the float32 hidden states): attend in the autocast dtype, as transformers' flash path does.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     is_causal = module.is_causal if is_causal is None else is_causal
     options = dict(causal=bool(is_causal), scale=scaling, softcap=float(softcap or 0.0),
                    window_size=_window_size(sliding_window, is_causal))
