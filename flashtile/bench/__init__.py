@@ -13,7 +13,7 @@ Parts (--parts), each over the grid of its mode:
 - training (on request, needs transformers): a small Llama trained for 100 steps with
   attn_implementation "flashtile", "sdpa" and "eager" from the same weights on the same data:
   median step time, tokens/s, peak memory, and the loss curves, flashtile's gap to sdpa's judged
-  beside eager's gap to it (the noise between two correct bf16 attentions).
+  beside eager's gap to it (the noise between two correct bf16-autocast attentions).
 
 Time is the median of triton.testing.do_bench (CUDA events) on the GPU; FLOPs are
 flashtile.reference.attention_flops, over the visible keys. A point that cannot run (OOM, an

@@ -108,7 +108,7 @@ def parse_args(argv):
                         "B H N^2 * 8 bytes a matrix)")
     parser.add_argument("--train-steps", type=positive_int, default=None,
                         help="optimizer steps of the training part (default: the grid's; 100 on a GPU). Training "
-                        "always runs a bf16 model, whatever --dtypes says")
+                        "always trains float32 weights under bf16 autocast, whatever --dtypes says")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small grid. On a GPU: {describe_grid('gpu_quick')}. Without a GPU ({CPU_MODE}): "
                         f"{describe_grid('cpu_quick')}")
