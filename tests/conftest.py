@@ -58,6 +58,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "interpreter: runs kernels on CPU tensors; needs TRITON_INTERPRET=1")
     config.addinivalue_line("markers", "aot: the ahead-of-time compile sweep (TRITON_INTERPRET=0, no GPU needed); "
                                        "run with -m aot")
+    config.addinivalue_line("markers", "build: extra builds of the CUDA reference (nvcc per target, a "
+                                       "-static-libstdc++ build); run with -m build")
     # For pytest-xdist's --dist loadgroup; declared so that runs without xdist do not warn.
     config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
 

@@ -490,6 +490,7 @@ def test_the_bindings_check_too():
         assert str(caught.value) == message, (function, args)
 
 
+@pytest.mark.build
 def test_bindings_messages_with_a_static_libstdcxx(tmp_path):
     """The host build of the bindings linked with -static-libstdc++ (as the GPU machine's
     build ended up: its own copy of libstdc++'s runtime beside the process's shared one)

@@ -10,6 +10,9 @@ The host build (cuda_reference/attention_host.cpp, the same header's maths on th
 compiled here too, alone and torch-free, with the system C++ compiler and warnings as
 errors: the extension build compiles it beside torch's headers, which hide nothing of it,
 but only with torch's own flags.
+
+Marked `build`: plain `pytest` leaves them out (tens of seconds of compiling);
+scripts/test.sh and CI run them.
 """
 import glob
 import os
@@ -17,6 +20,8 @@ import shutil
 import subprocess
 
 import pytest
+
+pytestmark = pytest.mark.build  # plain pytest leaves these out; scripts/test.sh runs them
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(os.path.relpath(path, REPO_ROOT)

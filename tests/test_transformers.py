@@ -7,7 +7,8 @@ window), Gemma 2 (softcap, sliding window on every other layer, GQA) and Qwen2.
   gradients of every attention projection are within 3x of eager attention's error in the
   same dtype, both measured against eager attention in float32 (the model's own truth).
 - Greedy generate with left padding and a KV cache (decode steps: Nq = 1 < Nk, bottom-right
-  causal) gives the tokens that "sdpa" gives (eager for Gemma 2, which has no sdpa).
+  causal) gives the tokens that "sdpa" gives (eager for Gemma 2, which has no sdpa), except
+  after a near-tie of the reference's own logits (check_generate says how near).
 On the CPU the kernels run in the Triton interpreter: a few layers, 16-token sequences. The
 @pytest.mark.gpu versions run a few hundred tokens in fp16 and bf16.
 """
@@ -27,6 +28,9 @@ import flashtile.integrations.transformers as flashtile_transformers  # noqa: E4
 ERROR_FACTOR = 3.0
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SLIDING_WINDOW = 6
+# Where greedy generate may pick another token: the reference's two candidates within this many
+# ulps (of the dtype, at the largest logit) of each other.
+NEAR_TIE_ULPS = 8
 
 
 def _config(family, vocab=128, hidden=64, layers=2, heads=4, kv_heads=2):
@@ -127,7 +131,22 @@ def check_generate(family, dtype, device, lengths, n, new_tokens):
     expected = model.generate(**options)
     model.set_attn_implementation("flashtile")
     got = model.generate(**options)
-    assert torch.equal(got, expected), f"{family} {dtype}: flashtile generated\n{got}\n{reference} generated\n{expected}"
+    model.set_attn_implementation(reference)
+    assert got.shape == expected.shape
+    # Greedy decoding turns a rounding difference into another token only at a near-tie, and
+    # every later token then differs. So each row must match up to its first difference, and
+    # there the reference's own logits must rate both tokens within a few ulps of its largest.
+    for row in (got != expected).any(dim=1).nonzero().flatten().tolist():
+        step = (got[row] != expected[row]).nonzero()[0].item()
+        prefix_mask = torch.cat([attention_mask[row], attention_mask.new_ones(step - n)])
+        with torch.no_grad():
+            logits = model(input_ids=expected[row:row + 1, :step], attention_mask=prefix_mask[None]).logits
+        logits = logits[0, -1].float()
+        margin = (logits[expected[row, step]] - logits[got[row, step]]).item()
+        near_tie = NEAR_TIE_ULPS * torch.finfo(dtype).eps * logits.abs().max().item()
+        assert margin <= near_tie, (f"{family} {dtype}, row {row}: flashtile chose token {got[row, step].item()} "
+                                    f"at position {step}, {reference} chose {expected[row, step].item()}, which its "
+                                    f"logits rate {margin:.3g} higher (a near-tie would be <= {near_tie:.3g})")
 
 
 interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs kernels on CPU tensors: needs TRITON_INTERPRET=1")
