@@ -4,6 +4,7 @@ the measurement behind flashtile.attention calling the Function, not the operato
 
     python scripts/dispatch_overhead.py   # on the GPU: every implementation; on the CPU: those
                                           # that run there compiled (the CUDA reference's host build)
+    python scripts/dispatch_overhead.py --impl v2 --profile   # and where v2's host time goes
 
 Rows: `function` is REGISTRY[impl].load().apply, `op` is flashtile.ops.attention_forward (the
 operator with its autograd, which torch.compile calls), `attention` is flashtile.attention (the
@@ -59,6 +60,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
                         help="default: all on the GPU, the non-Triton ones on the CPU")
+    parser.add_argument("--profile", action="store_true",
+                        help="then where the host time of flashtile.attention goes: cProfile of its forward+backward "
+                        f"at {SHAPES[1]}, for the first implementation")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = args.impl or [name for name, entry in REGISTRY.items() if device == "cuda" or not entry.triton]
@@ -73,6 +77,34 @@ def main():
                     forward = microseconds_per_call(lambda: fn(q, k, v), device)
                 both = microseconds_per_call(lambda: fn(q, k, v).backward(d_out), device, (q, k, v))
                 print(f"{impl:10} {str(shape):18} {name:10} {forward:11.1f} {both:11.1f}")
+    if args.profile:
+        profile_host_time(impls[0], device)
+
+
+def profile_host_time(impl, device):
+    """cProfile's view of CALLS forward+backward calls of flashtile.attention (the profiler
+    itself slows Python-heavy code, so read it for proportions, not for microseconds)."""
+    import cProfile
+    import pstats
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(SHAPES[1], device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    d_out = torch.randn_like(q)
+
+    def step():
+        flashtile.attention(q, k, v, causal=True, impl=impl).backward(d_out)
+
+    step()
+    synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(CALLS):
+        step()
+    synchronize(device)
+    profiler.disable()
+    print(f"\n{impl}: cProfile of {CALLS} forward+backward calls of flashtile.attention at {SHAPES[1]}")
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler).sort_stats(order).print_stats(25)
 
 
 if __name__ == "__main__":
