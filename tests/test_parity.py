@@ -631,6 +631,7 @@ def long_case_data(which):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("whole_gpu")  # float64 references of N x N per head: one at a time under xdist
 @pytest.mark.parametrize("impl", TRITON_IMPLEMENTATIONS)
 @pytest.mark.parametrize("which", ["long", "long_gqa"])
 def test_long_sequences(impl, which):
