@@ -48,21 +48,24 @@ def ast_source(fn, signature: dict, constexprs: dict, multiples_of_16=()):
                      constants=constexprs)
 
 
-def _benchmark_on_first_use(kernel_call, quantiles):
+def benchmark(kernel_call, quantiles):
+    """The GPU driver's benchmarker (what triton.autotune times configs with), asked for on
+    first use."""
     from triton.runtime import driver
 
     return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
-def autotune(configs, key, prune_configs_by=None, reset_to_zero=None):
+def autotune(configs, key, prune_configs_by=None, reset_to_zero=None, do_bench=benchmark):
     """triton.autotune. 3.2's Autotuner asks the GPU driver for its timer when the kernel is
     decorated, which fails without a GPU (AOT compile, the interpreter), and its
     triton.autotune drops a `do_bench` argument; 3.6 asks on the first launch. Under 3.2 the
-    Autotuner is built here with a timer that asks on first use."""
+    Autotuner is built here with a timer that asks on first use. do_bench: the timer,
+    do_bench(kernel_call, quantiles) -> one time per quantile."""
     if TRITON_VERSION >= (3, 3):
         return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by,
-                               reset_to_zero=reset_to_zero)
+                               reset_to_zero=reset_to_zero, do_bench=do_bench)
     from triton.runtime.autotuner import Autotuner
 
     return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, None,
-                                prune_configs_by=prune_configs_by, do_bench=_benchmark_on_first_use)
+                                prune_configs_by=prune_configs_by, do_bench=do_bench)
