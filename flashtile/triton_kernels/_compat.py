@@ -36,11 +36,14 @@ def turing_tensor_cores(version=TRITON_VERSION) -> bool:
     return version <= (3, 2)
 
 
-def ast_source(fn, signature: dict, constexprs: dict):
+def ast_source(fn, signature: dict, constexprs: dict, multiples_of_16=()):
     """triton.compiler.ASTSource for `fn` with `signature` (every argument by name, the
-    constexpr ones typed "constexpr") and the constexpr values by name."""
+    constexpr ones typed "constexpr") and the constexpr values by name. multiples_of_16: the
+    arguments to declare divisible by 16 (as Triton's run-time specialisation does); only
+    under 3.3+, whose attribute format this uses (3.2 compiles without them)."""
     if TRITON_VERSION >= (3, 3):
-        return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in multiples_of_16}
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return ASTSource(fn=fn, signature={name: kind for name, kind in signature.items() if name not in constexprs},
                      constants=constexprs)
 

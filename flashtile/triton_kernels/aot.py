@@ -19,11 +19,15 @@ right = 0), SOFTCAP and GROUPED (grouped-query attention; dK/dV kernels only).
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import multiprocessing
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import triton
@@ -99,7 +103,12 @@ def shipped_variants(targets=TARGETS, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
                 yield Variant(name, capability, block_d, dtype, flags, even_d, config)
 
 
-def _source(variant: Variant):
+def _source(variant: Variant, aligned: bool = False):
+    """The variant's ASTSource. aligned: also give the compiler what the common launch tells it
+    (Triton specialises on it at run time): every pointer 16-byte aligned and, for a full-width
+    head dim (EVEN_D), every stride and head_dim a multiple of 16. Without it the kernel is
+    compiled for arbitrary alignment, which CI's checks need (the smallest promise), but its
+    registers are not those of the kernels that usually run (Triton 3.6 only)."""
     kernel, kind, owned, looped, fixed = KERNELS[variant.kernel]
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel  # the JITFunction under autotune
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
@@ -123,13 +132,19 @@ def _source(variant: Variant):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-    return ast_source(fn, signature, constexprs)
+    multiples_of_16 = set()
+    if aligned:
+        multiples_of_16 = {arg for arg in fn.arg_names if signature[arg].startswith("*")}
+        if variant.even_d:
+            multiples_of_16 |= {arg for arg in fn.arg_names if arg.startswith("stride_") or arg == "head_dim"}
+    return ast_source(fn, signature, constexprs, multiples_of_16)
 
 
-def compile_variant(variant: Variant):
+def compile_variant(variant: Variant, aligned: bool = False):
     """Compile one variant to a cubin for its target; returns Triton's CompiledKernel."""
     options = {"num_warps": variant.config[2], "num_stages": variant.config[3]}
-    return triton.compile(_source(variant), target=GPUTarget("cuda", variant.capability, 32), options=options)
+    return triton.compile(_source(variant, aligned), target=GPUTarget("cuda", variant.capability, 32),
+                          options=options)
 
 
 def sample_variants(variants):
@@ -170,6 +185,8 @@ class Result:
     mma: int = 0
     seconds: float = 0.0
     error: str = ""
+    registers: str = "-"  # per thread, from the cubin (--resources)
+    stack: str = "-"  # bytes of stack frame per thread: registers spilled to local memory (--resources)
 
     def problems(self, require_tensor_cores: bool):
         if self.error:
@@ -182,16 +199,35 @@ class Result:
         return found
 
 
-def check_variant(variant: Variant) -> Result:
-    """Compile one variant and measure what the checks need (never raises)."""
+def cubin_resources(cubin: bytes):
+    """(registers, stack bytes) of the cubin's kernel, read by cuobjdump (Triton ships one
+    beside its ptxas); ("?", "?") without it."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return "?", "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return match.groups() if match else ("?", "?")
+
+
+def check_variant(variant: Variant, resources: bool = False) -> Result:
+    """Compile one variant and measure what the checks need (never raises). resources: compile
+    it as usually launched (aligned, see _source) and read its registers and stack."""
     start = time.time()
     try:
-        compiled = compile_variant(variant)
+        compiled = compile_variant(variant, aligned=resources)
     except Exception as error:  # reported in the table, not raised: the sweep goes on
         message = " ".join(str(error).split())
         return Result(variant, seconds=time.time() - start, error=f"{type(error).__name__}: {message[:200]}")
-    return Result(variant, compiled.metadata.shared, tensor_core_instructions(compiled.asm["ptx"], variant.capability),
-                  time.time() - start)
+    result = Result(variant, compiled.metadata.shared,
+                    tensor_core_instructions(compiled.asm["ptx"], variant.capability), time.time() - start)
+    if resources:
+        result.registers, result.stack = cubin_resources(compiled.asm["cubin"])
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,11 +255,22 @@ def main(argv=None) -> int:
                              "the full product; what CI runs)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="print only the variants that fail, and the summary")
+    parser.add_argument("--resources", action="store_true",
+                        help="also each kernel's registers per thread and stack bytes (spilled registers), compiled "
+                             "with the alignment a usual launch has (16-byte pointers; strides multiples of 16 for "
+                             "full-width head dims); needs cuobjdump (Triton ships one)")
+    parser.add_argument("--kernel", action="append", choices=tuple(KERNELS),
+                        help="only these kernels (repeat for several; default: all)")
+    parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIM_BUCKETS,
+                        help="only these head-dim tiles (repeat for several; default: all)")
+    parser.add_argument("--dtype", action="append", choices=("fp16", "bf16"),
+                        help="only these dtypes (default: those shipped for each target)")
     args = parser.parse_args(argv)
     if interpreting():
         parser.error("TRITON_INTERPRET=1 is set: the interpreter has no compiler; run with TRITON_INTERPRET=0")
     targets = tuple(dict.fromkeys(args.arch or TARGETS))
-    variants = list(shipped_variants(targets=targets))
+    variants = list(shipped_variants(targets=targets, dtypes=args.dtype, head_dims=args.head_dim or HEAD_DIM_BUCKETS,
+                                     kernels=tuple(args.kernel or KERNELS)))
     if args.sample:
         variants = sample_variants(variants)
     triton_version = ".".join(map(str, TRITON_VERSION))
@@ -232,16 +279,18 @@ def main(argv=None) -> int:
 
     start = time.time()
     failures = []
-    print(f"{'variant':64s} {'shared':>14s} {'mma':>5s} {'s':>5s}  status")
+    resource_header = f" {'regs':>5s} {'stack':>6s}" if args.resources else ""
+    print(f"{'variant':64s} {'shared':>14s} {'mma':>5s}{resource_header} {'s':>5s}  status")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for result in pool.map(check_variant, variants):
+        for result in pool.map(functools.partial(check_variant, resources=args.resources), variants):
             problems = result.problems(args.require_tensor_cores)
             if problems:
                 failures.append((result, problems))
             if problems or not args.quiet:
                 shared = f"{result.shared}/{result.variant.shared_memory_limit}"
                 mma = str(result.mma) if has_matmul(result.variant) else "-"
-                print(f"{str(result.variant):64s} {shared:>14s} {mma:>5s} {result.seconds:5.1f}  "
+                columns = f" {result.registers:>5s} {result.stack:>6s}" if args.resources else ""
+                print(f"{str(result.variant):64s} {shared:>14s} {mma:>5s}{columns} {result.seconds:5.1f}  "
                       f"{'; '.join(problems) or 'ok'}", flush=True)
     print(f"{len(variants) - len(failures)} of {len(variants)} variants ok in {time.time() - start:.0f} s")
     if failures:
