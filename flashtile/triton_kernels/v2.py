@@ -174,50 +174,88 @@ def load_row_stats(lse_start, delta_start, queries, n_q):
 
 
 @triton.jit
-def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start,
-                     stride_qn, stride_don, stride_dqn, q_lo, q_hi, n_q, n_k, scale, qk_scale, softcap_log2,
-                     window_left, window_right, head_dim,
-                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr):
-    """Accumulate dK, dV of one key block over queries [q_lo, q_hi) (Algorithm 2, lines 8-17).
+def _dkdv_query_block(dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, delta_start, q_first,
+                      n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
+                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                      WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                      ATOMIC_DQ: tl.constexpr):
+    """One query block's share of dK, dV (Algorithm 2, lines 9-17), from the tiles at q_ptrs,
+    do_ptrs (rows q_first ...).
 
     Everything is computed transposed (key-major: S^T is BLOCK_N x BLOCK_M) so that the
     accumulators dK and dV stay in the program's row order.
     ATOMIC_DQ (v2_atomic): also add this block's share of dQ, scale * dS K (line 15), into
-    the float32 buffer at dq_start with atomic adds: every key block's program adds to the
+    the float32 buffer at dq_ptrs with atomic adds: every key block's program adds to the
     same dQ rows, in an order that varies from run to run."""
+    queries = q_first + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
+    do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
+    lse, delta = load_row_stats(lse_start, delta_start, queries, n_q)
+    # Line 10: S^T = K Q^T, in log2 units.
+    scores_t, capped_t = scores_in_log2(tl.dot(k, tl.trans(q)), qk_scale, softcap_log2, SOFTCAP)
+    if MASKED:
+        visible = is_visible(queries[None, :], keys[:, None], n_q, n_k, window_left, window_right,
+                             WINDOW_LEFT, WINDOW_RIGHT)
+        scores_t = tl.where(visible, scores_t, float("-inf"))
+    p_t = tl.exp2(scores_t - lse[None, :])  # line 11: P = exp(S - L), from L alone
+    dv += tl.dot(p_t.to(do.dtype), do)  # line 12: dV += P^T dO
+    dp_t = tl.dot(v, tl.trans(do))  # line 13: dP^T = V dO^T
+    ds_t = p_t * (dp_t - delta[None, :])  # line 14: dS = P * (dP - D)
+    ds_t = softcap_chain(ds_t, capped_t, SOFTCAP)
+    dk += tl.dot(ds_t.to(q.dtype), q)  # line 16: dK += dS^T Q (times scale, once at the end)
+    if ATOMIC_DQ:
+        # Line 15: dQ += dS K. relaxed: only the sum matters once the kernel has finished,
+        # and the default acq_rel would fence every element.
+        dq_share = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+        tl.atomic_add(dq_ptrs, dq_share, mask=(queries[:, None] < n_q) & (dims[None, :] < head_dim), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start,
+                     stride_qh, stride_qn, stride_doh, stride_don, stride_lh, members, q_lo, q_hi,
+                     n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
+                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                     GROUPED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate dK, dV of one key block over queries [q_lo, q_hi) (Algorithm 2, line 8's
+    loop) of the `members` query heads that read its K/V head; *_start point at the first
+    of them, and the dQ buffer has dO's strides.
+
+    GROUPED (GQA): one flat loop over (query head, query block) pairs, heads outer, not a
+    loop over heads around a loop over blocks: Triton software-pipelines a flat loop as it
+    does the plain one, while the nested loops kept K, V, dK, dV and the inner loop's
+    pipeline state live together and spilled registers (`flashtile.aot`-compiled for sm_90
+    at D 128: hundreds of bytes of stack, none without GQA)."""
     local_queries = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_ptrs = tile_pointers(q_start, q_lo, local_queries, dims, stride_qn)
-    do_ptrs = tile_pointers(do_start, q_lo, local_queries, dims, stride_don)
-    dq_ptrs = tile_pointers(dq_start, q_lo, local_queries, dims, stride_dqn)
-    for q_first in range(q_lo, q_hi, BLOCK_M):
-        queries = q_first + local_queries
-        q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
-        do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
-        lse, delta = load_row_stats(lse_start, delta_start, queries, n_q)
-        # Line 10: S^T = K Q^T, in log2 units.
-        scores_t, capped_t = scores_in_log2(tl.dot(k, tl.trans(q)), qk_scale, softcap_log2, SOFTCAP)
-        if MASKED:
-            visible = is_visible(queries[None, :], keys[:, None], n_q, n_k, window_left, window_right,
-                                 WINDOW_LEFT, WINDOW_RIGHT)
-            scores_t = tl.where(visible, scores_t, float("-inf"))
-        p_t = tl.exp2(scores_t - lse[None, :])  # line 11: P = exp(S - L), from L alone
-        dv += tl.dot(p_t.to(do.dtype), do)  # line 12: dV += P^T dO
-        dp_t = tl.dot(v, tl.trans(do))  # line 13: dP^T = V dO^T
-        ds_t = p_t * (dp_t - delta[None, :])  # line 14: dS = P * (dP - D)
-        ds_t = softcap_chain(ds_t, capped_t, SOFTCAP)
-        dk += tl.dot(ds_t.to(q.dtype), q)  # line 16: dK += dS^T Q (times scale, once at the end)
-        if ATOMIC_DQ:
-            # Line 15: dQ += dS K. relaxed: only the sum matters once the kernel has
-            # finished, and the default acq_rel would fence every element.
-            dq_share = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-            tl.atomic_add(dq_ptrs, dq_share, mask=(queries[:, None] < n_q) & (dims[None, :] < head_dim),
-                          sem="relaxed")
-            dq_ptrs += BLOCK_M * stride_dqn
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
+    if GROUPED:
+        blocks = tl.cdiv(q_hi - q_lo, BLOCK_M)
+        for step in range(0, members * blocks):
+            member = step // blocks
+            q_first = q_lo + (step - member * blocks) * BLOCK_M
+            head_offset = tl.cast(member, tl.int64)
+            dk, dv = _dkdv_query_block(
+                dk, dv, k, v, keys,
+                tile_pointers(q_start + head_offset * stride_qh, q_first, local_queries, dims, stride_qn),
+                tile_pointers(do_start + head_offset * stride_doh, q_first, local_queries, dims, stride_don),
+                tile_pointers(dq_start + head_offset * stride_doh, q_first, local_queries, dims, stride_don),
+                lse_start + head_offset * stride_lh, delta_start + head_offset * stride_lh, q_first,
+                n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
+                BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
+    else:
+        q_ptrs = tile_pointers(q_start, q_lo, local_queries, dims, stride_qn)
+        do_ptrs = tile_pointers(do_start, q_lo, local_queries, dims, stride_don)
+        dq_ptrs = tile_pointers(dq_start, q_lo, local_queries, dims, stride_don)
+        for q_first in range(q_lo, q_hi, BLOCK_M):
+            dk, dv = _dkdv_query_block(
+                dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, delta_start, q_first,
+                n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
+                BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
+            q_ptrs += BLOCK_M * stride_qn
+            do_ptrs += BLOCK_M * stride_don
+            dq_ptrs += BLOCK_M * stride_don
     return dk, dv
 
 
@@ -255,32 +293,31 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start, first_full, end_full, hi = query_blocks(k_first, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
                                                    WINDOW_LEFT, WINDOW_RIGHT)
-    # Without GQA the loop below has one trip, known at compile time, and folds away.
+    # Line 8, for each query head that reads this K/V head (the group's heads are consecutive).
     members = group if GROUPED else 1
-    for member in range(members):  # line 8, for each query head that reads this K/V head
-        head = kv_head * group + member
-        q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
-        do_start = head_start(DO, batch, head, q_row0, stride_ob, stride_oh, stride_on)
-        dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
-        lse_start = head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1)
-        delta_start = head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1)
-        if WINDOW_RIGHT:  # query blocks on the diagonal (the window's right edge)
-            dk, dv = _dkdv_query_loop(
-                dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qn, stride_on,
-                stride_on, start, first_full, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
-                window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                ATOMIC_DQ)
+    head = kv_head * group
+    q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
+    do_start = head_start(DO, batch, head, q_row0, stride_ob, stride_oh, stride_on)
+    dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
+    lse_start = head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1)
+    delta_start = head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1)
+    if WINDOW_RIGHT:  # query blocks on the diagonal (the window's right edge)
         dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qn, stride_on,
-            stride_on, first_full, end_full, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
-            window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-            ATOMIC_DQ)
-        if WINDOW_LEFT:  # query blocks on the window's left edge
-            dk, dv = _dkdv_query_loop(
-                dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qn, stride_on,
-                stride_on, end_full, hi, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
-                window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                ATOMIC_DQ)
+            dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
+            stride_oh, stride_on, stride_lh, members, start, first_full, n_q, n_k, scale, qk_scale, softcap_log2,
+            window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT,
+            SOFTCAP, GROUPED, ATOMIC_DQ)
+    dk, dv = _dkdv_query_loop(
+        dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
+        stride_oh, stride_on, stride_lh, members, first_full, end_full, n_q, n_k, scale, qk_scale, softcap_log2,
+        window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT,
+        SOFTCAP, GROUPED, ATOMIC_DQ)
+    if WINDOW_LEFT:  # query blocks on the window's left edge
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
+            stride_oh, stride_on, stride_lh, members, end_full, hi, n_q, n_k, scale, qk_scale, softcap_log2,
+            window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT,
+            SOFTCAP, GROUPED, ATOMIC_DQ)
     dk *= scale  # dS was taken w.r.t. the scaled scores: dK = scale * dS^T Q
     # Line 18: write dK_j, dV_j.
     dk_start = head_start(DK, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
