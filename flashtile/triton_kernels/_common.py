@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _compat
+from . import _compat, _launch
 
 # log2(e) and ln(2) as compile-time constants (kernels may read only constexpr globals):
 # exp(x) = exp2(x * LOG2_E), log(x) = log2(x) * LN_2. Host code reads LOG2_E.value.
@@ -170,7 +170,7 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
     return _compat.autotune(
         configs=as_triton_configs(union, owned, looped),
         key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
-        prune_configs_by={"early_config_prune": prune},
+        prune_configs_by={"early_config_prune": prune}, autotuner_class=_launch.RememberingAutotuner,
         **autotune_kwargs,
     )
 
