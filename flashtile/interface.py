@@ -5,6 +5,7 @@ Every check happens here, once, before any kernel runs; the kernels assume valid
 The implementation is taken from the one registry (flashtile/registry.py) and called through
 flashtile/ops.py: its torch.library operator under torch.compile, its Function in eager mode.
 """
+import functools
 import math
 import os
 import warnings
@@ -61,7 +62,14 @@ def _cuda_capability(t):
     """10 * major + minor of the GPU holding `t`; None for other devices and under the interpreter."""
     if t.device.type != "cuda" or _interpreting():
         return None
-    major, minor = torch.cuda.get_device_capability(t.device)
+    return _device_capability(t.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(device):
+    # A GPU's capability never changes, and asking torch for it (device properties) costs tens
+    # of microseconds, on every call: once per device (a CUDA tensor's device has its index).
+    major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 

@@ -24,13 +24,14 @@ Conventions used by every kernel in this package
 - Softcap (Gemma 2): scores c * tanh(scale * q.k / c), in log2 units like the rest.
 """
 import dataclasses
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _compat
+from . import _compat, _launch
 
 # log2(e) and ln(2) as compile-time constants (kernels may read only constexpr globals):
 # exp(x) = exp2(x * LOG2_E), log(x) = log2(x) * LN_2. Host code reads LOG2_E.value.
@@ -48,7 +49,7 @@ def interpreting() -> bool:
 
 def head_dim_block(head_dim: int) -> int:
     """Tile width along D: a power of two (tl.arange needs one), at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, _launch.next_power_of_2(head_dim))
 
 
 def head_dim_args(head_dim: int) -> dict:
@@ -76,7 +77,7 @@ def time_configs(kernel_call, quantiles):
 def seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: its power-of-two bucket, so that every new
     length does not retune while 1k and 16k keep configs of their own."""
-    return triton.next_power_of_2(max(n, 1))
+    return _launch.next_power_of_2(max(n, 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
         configs=as_triton_configs(union, owned, looped),
         key=["q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
         prune_configs_by={"early_config_prune": prune},
-        do_bench=time_configs,
+        do_bench=time_configs, autotuner_class=_launch.RememberingAutotuner,
         **autotune_kwargs,
     )
 
@@ -197,17 +198,15 @@ def d_contiguous(t):
 
 def row_strides(t):
     """(batch, head, row) strides of a dense (B, H, N, D) or packed (total, H, D) tensor."""
-    if t.dim() == 4:
-        return t.stride(0), t.stride(1), t.stride(2)
-    return 0, t.stride(1), t.stride(0)
+    strides = t.stride()  # one call into torch, not one per stride: launchers call this a dozen times
+    return strides[:3] if len(strides) == 4 else (0, strides[1], strides[0])
 
 
 def stat_strides(stat):
     """(batch, head) strides of a row statistic: (B, H, N) dense or (H, total) packed; rows are
     contiguous in both, and a packed sequence's rows start at its cu_seqlens offset."""
-    if stat.dim() == 3:
-        return stat.stride(0), stat.stride(1)
-    return 0, stat.stride(0)
+    strides = stat.stride()
+    return strides[:2] if len(strides) == 3 else (0, strides[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,8 +266,9 @@ class Problem:
             return self.scale / self.softcap, self.softcap * LOG2_E.value
         return self.scale * LOG2_E.value, 1.0
 
+    @functools.cached_property  # once per Problem, which a forward and its backward share (frozen allows it)
     def kernel_args(self):
-        """The scalar arguments every attention kernel takes, by keyword."""
+        """The scalar arguments every attention kernel takes, by keyword. Shared: copy before editing."""
         qk_scale, softcap_log2 = self.scores_args()
         return dict(group=self.group, n_q=self.n_q, n_k=self.n_k, scale=self.scale, qk_scale=qk_scale,
                     softcap_log2=softcap_log2, window_left=max(self.window_left, 0),
@@ -279,7 +279,7 @@ class Problem:
     def grid(self, rows: str, owned: str, heads: int):
         """1-D grid over (batch, head, block of `rows`) for blocks of size meta[owned]."""
         n = self.n_q if rows == "q" else self.n_k
-        return lambda meta: (triton.cdiv(n, meta[owned]) * self.batch * heads,)
+        return lambda meta: (_launch.cdiv(n, meta[owned]) * self.batch * heads,)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ The kernels are the same source under both; only these host-side details differ.
   fails to compile such kernels for sm_75 and 3.4 onwards lower it to FMA only (about
   8 TFLOP/s of fp32 on a T4 instead of 65 of fp16 on its tensor cores).
 - triton.autotune: 3.2's asks the GPU driver for a timer when a kernel is decorated (so
-  importing the kernels fails without a GPU) and drops its `do_bench` argument.
+  importing the kernels fails without a GPU) and drops its `do_bench` argument; so the
+  Autotuner (flashtile's subclass of it) is built here, the same way for both.
 - The CPU interpreter: both need the fixes in _interpreter_fix.py, applied a little
   differently, and 3.2's one more (autotune's launch keywords).
 """
@@ -16,6 +17,7 @@ import re
 
 import triton
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
 
 def _version(text: str):
@@ -56,16 +58,15 @@ def benchmark(kernel_call, quantiles):
     return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
-def autotune(configs, key, prune_configs_by=None, reset_to_zero=None, do_bench=benchmark):
-    """triton.autotune. 3.2's Autotuner asks the GPU driver for its timer when the kernel is
-    decorated, which fails without a GPU (AOT compile, the interpreter), and its
-    triton.autotune drops a `do_bench` argument; 3.6 asks on the first launch. Under 3.2 the
-    Autotuner is built here with a timer that asks on first use. do_bench: the timer,
-    do_bench(kernel_call, quantiles) -> one time per quantile."""
-    if TRITON_VERSION >= (3, 3):
-        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by,
-                               reset_to_zero=reset_to_zero, do_bench=do_bench)
-    from triton.runtime.autotuner import Autotuner
+def autotune(configs, key, prune_configs_by=None, reset_to_zero=None, do_bench=benchmark,
+             autotuner_class=Autotuner):
+    """triton.autotune, with `autotuner_class` (a subclass of Triton's Autotuner) as the tuner
+    and `do_bench(kernel_call, quantiles) -> one time per quantile` as its timer.
 
-    return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, None,
-                                prune_configs_by=prune_configs_by, do_bench=do_bench)
+    Built directly rather than through triton.autotune, which always makes a plain Autotuner
+    (and under 3.2 drops `do_bench`); the constructor's arguments below are those
+    triton.autotune passes, in both lines. The default timer asks the GPU driver for its
+    benchmarker on first use, so decorating a kernel works without a GPU (AOT compile, the
+    interpreter), which 3.2's own default does not."""
+    return lambda fn: autotuner_class(fn, fn.arg_names, configs, key, reset_to_zero, None,
+                                      prune_configs_by=prune_configs_by, do_bench=do_bench)

@@ -272,7 +272,7 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS
 
 def v1_arguments(problem: Problem):
     """v1's scalar kernel arguments: natural-unit scale and softcap instead of v2's log2 ones."""
-    args = problem.kernel_args()
+    args = dict(problem.kernel_args)
     del args["qk_scale"], args["softcap_log2"]
     args["softcap"] = problem.softcap if problem.softcap > 0 else 1.0
     return args

@@ -416,14 +416,14 @@ def v2_forward(q, k, v, problem: Problem):
     _v2_forward_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
         q, k, v, out, lse, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out), *stat_strides(lse),
-        q_heads=problem.q_heads, **problem.kernel_args())
+        q_heads=problem.q_heads, **problem.kernel_args)
     return out, lse
 
 
 def v2_delta(out, d_out, problem: Problem):
     """D = rowsum(dO * O) in float32, laid out like lse. out and d_out are contiguous."""
     delta = torch.empty(problem.stat_shape(out), device=out.device, dtype=torch.float32)
-    grid = (triton.cdiv(problem.n_q, ROWWISE_BLOCK) * problem.batch * problem.q_heads,)
+    grid = problem.grid("q", "BLOCK_M", problem.q_heads)  # blocks of BLOCK_M = ROWWISE_BLOCK rows
     _v2_delta_kernel[grid](out, d_out, delta, problem.sequences(out)[0], *row_strides(out), *stat_strides(delta),
                            problem.q_heads, problem.n_q, VARLEN=problem.varlen, BLOCK_M=ROWWISE_BLOCK,
                            num_warps=ROWWISE_WARPS, **head_dim_args(problem.head_dim))
@@ -440,7 +440,7 @@ def dkdv(q, k, v, d_out, lse, delta, problem: Problem, dq_accum=None):
         q, k, v, d_out, lse, delta, dk, dv, dq_accum if atomic else dk, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *row_strides(dk),
         *stat_strides(lse), kv_heads=problem.kv_heads, GROUPED=problem.group > 1, ATOMIC_DQ=atomic,
-        **problem.kernel_args())
+        **problem.kernel_args)
     return dk, dv
 
 
@@ -453,7 +453,7 @@ def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
     _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
         q, k, v, d_out, lse, delta, dq, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *stat_strides(lse),
-        q_heads=problem.q_heads, **problem.kernel_args())
+        q_heads=problem.q_heads, **problem.kernel_args)
     return dq, dk, dv
 
 
