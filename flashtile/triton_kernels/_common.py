@@ -286,6 +286,27 @@ class Problem:
 # JIT helpers
 # ---------------------------------------------------------------------------------------
 
+def settle_cache_keys(namespace: dict):
+    """Compute the Triton cache key of every JIT function and kernel in `namespace` (a module's
+    globals), in definition order, when the module is imported.
+
+    Triton 3.6 hashes a kernel's source with the global constexprs its helpers use, but takes a
+    helper's globals only if that helper's own key was computed before (JITFunction.cache_key
+    merges `used_global_vals` before it asks the helper for its key). A kernel's key then
+    depends on which kernel of the process was hashed first: a process that ran v1 first and one
+    that ran v2 first compile the same v2 kernel under two keys and miss each other's on-disk
+    cache. Hashed here, helpers first, every process gets the same keys."""
+    if interpreting():
+        return
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    for value in list(namespace.values()):
+        while isinstance(value, KernelInterface) and not isinstance(value, JITFunction):
+            value = value.fn  # an Autotuner (or Heuristics) around the kernel
+        if isinstance(value, JITFunction):
+            value.cache_key  # noqa: B018 (computed and kept by Triton)
+
+
 @triton.jit
 def program_block(n_heads, n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
     """(batch, head, first row) of this program's block. Programs run over (batch, head, block),
@@ -482,3 +503,6 @@ def store_tile(ptrs, tile, rows, n_rows, cols, head_dim, EVEN_D: tl.constexpr):
         tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
     else:
         tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < head_dim))
+
+
+settle_cache_keys(globals())

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (Problem, autotuned, d_contiguous, head_start, is_visible, key_blocks, load_tile,
-                      program_block, query_blocks, row_strides, sequence, softcap_chain,
+                      program_block, query_blocks, row_strides, sequence, settle_cache_keys, softcap_chain,
                       stat_strides, store_tile, tanh, tile_pointers)
 
 
@@ -349,3 +349,6 @@ class FlashAttentionV1Function(torch.autograd.Function):
         q, k, v, out, row_max, row_sum = ctx.saved_tensors
         dq, dk, dv = v1_backward(d_out, q, k, v, out, row_max, row_sum, ctx.problem)
         return (dq, dk, dv) + (None,) * 8
+
+
+settle_cache_keys(globals())

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, d_contiguous, head_dim_args,
                       head_start, is_visible, key_blocks, load_tile, program_block, query_blocks, row_strides,
-                      scores_in_log2, sequence, softcap_chain, stat_strides, store_tile,
+                      scores_in_log2, sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile,
                       tile_pointers)
 
 
@@ -505,3 +505,6 @@ class FlashAttentionV2Function(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = v2_backward(d_out, q, k, v, out, lse, ctx.problem)
         return (dq, dk, dv) + (None,) * 8
+
+
+settle_cache_keys(globals())
