@@ -83,7 +83,6 @@ echo "== ${#full[@]} commit(s) to record on machine '$machine' from $mirror:"
 for c in "${full[@]}"; do echo "   $(git_m log -1 --format='%h %ad %s' --date=short "$c" | cut -c1-100)"; done
 
 export PYTHONUNBUFFERED=1
-export TRITON_CACHE_AUTOTUNING=1          # each commit autotunes a shape once, in setup_cache
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
