@@ -1,10 +1,14 @@
-"""The launch configuration machinery of flashtile/triton_kernels/_common.py (no attention here).
+"""The launch configuration machinery of flashtile/triton_kernels/_common.py and _launch.py (no
+attention here).
 
 With FLASHTILE_AUTOTUNE=0 (the tests' setting, conftest.py) the autotuner keeps the first
 shipped config of a GPU's list and must launch it once per call, with no timing runs: Triton
 times even a lone config for every new key, which a GPU test session would pay hundreds of
 times. A counting kernel decorated as the attention kernels are, with a GPU's config lists,
 runs on the interpreter here.
+
+After a key's first launch, RememberingAutotuner (_launch.py) skips Triton's Autotuner.run
+and launches the config Triton chose: checked with a stub kernel, on any machine.
 """
 import pytest
 import torch
@@ -14,7 +18,7 @@ import triton.language as tl
 from conftest import INTERPRETING
 from flashtile.triton_kernels import _common
 
-pytestmark = pytest.mark.skipif(not INTERPRETING, reason="runs a kernel on CPU tensors: needs TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs a kernel on CPU tensors: needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture
@@ -38,6 +42,7 @@ def launch(kernel, counter, q_bucket):
                  WINDOW_RIGHT=False, SOFTCAP=False)
 
 
+@needs_interpreter
 def test_without_autotuning_the_first_config_runs_once_untimed(counting_kernel, monkeypatch):
     monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")
     counter = torch.zeros(1, dtype=torch.int32)
@@ -49,3 +54,82 @@ def test_without_autotuning_the_first_config_runs_once_untimed(counting_kernel, 
     first = _common.config_tuples("forward", 90, 64)[0]
     best = counting_kernel.best_config
     assert (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages) == first
+
+
+# ---------------------------------------------------------------------------------------
+# RememberingAutotuner: the config that runs is the one Triton's Autotuner chose (a stub kernel)
+# ---------------------------------------------------------------------------------------
+
+AUTOTUNE_KEY = ("q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP")
+
+
+def _stub_autotuned_kernel(monkeypatch, fastest):
+    """A kernel stub under `autotuned("backward")` with the sm_90 configs (so the Autotuner has
+    several to choose from), timed so that config `fastest` (BLOCK_M, BLOCK_N) wins; returns
+    the kernel and the list of launches it records (the keywords each launch was given)."""
+    from flashtile.triton_kernels import _common
+
+    monkeypatch.setattr(_common, "device_capability", lambda device=None: 90)
+    launches = []
+
+    def kernel_source(Q, DQ, n_q, q_bucket, k_bucket, BLOCK_D, EVEN_D, VARLEN, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                      BLOCK_M, BLOCK_N):
+        pass
+
+    class StubKernel:  # what the Autotuner needs of a JITFunction
+        fn = staticmethod(kernel_source)
+        arg_names = list(kernel_source.__code__.co_varnames[:13])
+
+        def run(self, *args, grid, warmup, **kwargs):
+            launches.append(kwargs)
+
+    kernel = _common.autotuned("backward")(StubKernel())
+
+    def timer(kernel_call, quantiles):
+        kernel_call()
+        chosen = (launches[-1]["BLOCK_M"], launches[-1]["BLOCK_N"])
+        return [1.0 if chosen == fastest else 2.0] * 3
+
+    kernel.do_bench = timer
+    return kernel, launches
+
+
+def _launch(kernel, dtype=torch.float16, q_bucket=64, **extra):
+    flags = dict(zip(AUTOTUNE_KEY, (q_bucket, 64, 64, True, False, False, True, False)))
+    q = torch.zeros(2, dtype=dtype)
+    kernel[(1,)](q, q, 50, **flags, **extra)
+
+
+def test_autotuner_remembers_the_autotuners_choice(monkeypatch):
+    """RememberingAutotuner (_launch.py) skips Triton's Autotuner.run after a key's first launch,
+    and launches with exactly the config, and the launch keywords, that Triton's chose."""
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")
+    tuned = (64, 128)  # not the first shipped config (128, 64): the choice is the timer's
+    kernel, launches = _stub_autotuned_kernel(monkeypatch, fastest=tuned)
+    tuner_runs = []
+    original_run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: tuner_runs.append(1) or original_run(self, *a, **k))
+
+    _launch(kernel)
+    assert len(tuner_runs) == 1 and len(launches) == 4 + 1  # four shipped configs timed, then the launch
+    config = kernel.best_config
+    assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == tuned
+    expected = config.all_kwargs()
+    assert {name: launches[-1][name] for name in expected} == expected
+
+    _launch(kernel)  # same key: no Autotuner.run, same launch keywords
+    assert len(tuner_runs) == 1 and len(launches) == 6
+    assert launches[-1] == launches[-2]
+    assert kernel.best_config is config
+
+    _launch(kernel, dtype=torch.bfloat16)  # a dtype is part of Triton's key: its own choice
+    _launch(kernel, q_bucket=128)  # so is every autotune key argument
+    assert len(tuner_runs) == 3
+    assert len(kernel.remembered) == 3
+
+    with pytest.raises(TypeError, match="positionally"):
+        kernel[(1,)](torch.zeros(2, dtype=torch.float16), 50, DQ=torch.zeros(2), q_bucket=256,
+                     **dict(zip(AUTOTUNE_KEY[1:], (64, 64, True, False, False, True, False))))
+

@@ -55,6 +55,7 @@ from flashtile.reference import effective_window, visible_keys
 from flashtile.registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, REGISTRY, TRITON_IMPLEMENTATIONS
 from flashtile.testing import (assert_matches_reference, compare, flashtile_impl, make_qkv, make_varlen_qkv,
                                random_like, reference_results, rerun_bitwise, run_attention)
+from flashtile.triton_kernels._common import binding_window
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -98,6 +99,8 @@ GRID = [
     # no mask; odd lengths, Nq < Nk and Nq > Nk; explicit scales
     dense("odd", 2, (3, 3), 113, 203, 40, BF16, scale=0.05),
     dense("odd-swapped", 2, (3, 3), 203, 113, 40, BF16, scale=3.0),
+    # a window wider than the sequence bounds nothing: the launchers drop it (binding_window)
+    dense("window-wider-than-sequence", 2, (3, 3), 113, 203, 40, BF16, window=(8192, 8192)),
     # causal and a right-only window (the same flags); rows that see no key
     dense("causal", 1, (3, 3), 1024, 2048, 128, F16, causal=True),
     dense("causal-rows-without-keys", 1, (3, 3), 2048, 1024, 128, F16, causal=True),
@@ -108,7 +111,6 @@ GRID = [
     # two-sided windows, MQA
     dense("window-mqa", 1, (8, 1), 1023, 2047, 256, BF16, window=(256, 32)),
     dense("window-zero-rows-without-keys", 1, (8, 1), 2047, 1023, 256, BF16, window=(0, 0)),
-    dense("window-wider-than-sequence", 1, (8, 1), 1023, 1023, 256, BF16, window=(8192, 8192)),
     dense("sliding-causal-mqa", 1, (8, 1), 2047, 2047, 256, BF16, causal=True, window=(512, -1)),
     # softcap, GQA group 2
     dense("softcap-gqa2", 2, (4, 2), 1023, 1024, 64, BF16, softcap=30.0),
@@ -302,7 +304,6 @@ def compile_signature(case):
     dk and lse in the case's layout, head counts, group, lengths, window sides, length buckets)."""
     D = case.D
     block_d = max(16, 1 << (D - 1).bit_length())
-    left, right = effective_window(case.causal, case.window)
     transposed = case.layout == "transposed"
     if is_varlen(case):
         n_q, n_k = (max(lengths) for lengths in zip(*case.seqlens))
@@ -315,6 +316,7 @@ def compile_signature(case):
         rows = lambda H, n: (n * H * D, D, H * D) if transposed else (H * n * D, n * D, D)  # noqa: E731
         strides = rows(case.Hq, n_q) + rows(case.Hkv, n_k) + (case.Hq * n_q * D, n_q * D, D,
                                                               case.Hkv * n_k * D, n_k * D, D, case.Hq * n_q, n_q)
+    left, right = binding_window(*effective_window(case.causal, case.window), n_q, n_k)
     bucket = lambda n: 1 << (max(n, 1) - 1).bit_length()  # noqa: E731
     ints = strides + (case.Hq, case.Hkv, case.Hq // case.Hkv, n_q, n_k, D, max(left, 0), max(right, 0),
                       bucket(n_q), bucket(n_k))
@@ -327,6 +329,25 @@ def _windows(case):
     if case.causal:
         right = 0
     return left, right
+
+
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (1, 9), (9, 1), (9, 9), (5, 12), (12, 5)])
+def test_windows_that_bound_nothing_are_dropped(n_q, n_k):
+    """binding_window turns a side into -1 exactly when that side hides no key from any query,
+    so the launchers can skip its edge loops without changing which keys a query sees."""
+    sides = range(-1, max(n_q, n_k) + 2)
+    for left in sides:
+        for right in sides:
+            dropped = binding_window(left, right, n_q, n_k)
+            assert torch.equal(visible_keys(n_q, n_k, dropped), visible_keys(n_q, n_k, (left, right)))
+            for side, (given, kept) in enumerate(zip((left, right), dropped)):
+                if given >= 0 and kept == -1:
+                    continue
+                assert kept == given
+                if given >= 0:  # kept: one step wider must change what some query sees
+                    wider = [left, right]
+                    wider[side] = -1
+                    assert not torch.equal(visible_keys(n_q, n_k, tuple(wider)), visible_keys(n_q, n_k, (left, right)))
 
 
 def test_grid_coverage():
@@ -511,7 +532,7 @@ else:
 # Each reuses a grid case's compile signature (test_gpu_compile_budget checks it).
 GPU_SPECIAL_CASES = {
     "determinism": GRID_BY_NAME["softcap-causal-gqa8"]._replace(B=8),
-    "many_heads": GRID_BY_NAME["window-mqa"]._replace(B=8750, n_q=33, n_k=47),
+    "many_heads": GRID_BY_NAME["window-mqa"]._replace(B=8750, n_q=33, n_k=47, window=(16, 16)),
     "rows_above_2_31": GRID_BY_NAME["causal"]._replace(n_q=2**24 + 16, n_k=64),
     "row_offsets_above_2_31": GRID_BY_NAME["causal"]._replace(Hq=16385, Hkv=16385, n_q=1040, n_k=1040,
                                                               layout="transposed"),
@@ -714,93 +735,3 @@ def test_portable_configs_in_a_subprocess():
     assert "portable parity passed" in proc.stdout
     assert proc.stdout.count("ok ") == len(TRITON_IMPLEMENTATIONS)
 
-
-# ---------------------------------------------------------------------------------------
-# The launch path: the config that runs is the one Triton's Autotuner chose (runs everywhere, no kernel)
-# ---------------------------------------------------------------------------------------
-
-AUTOTUNE_KEY = ("q_bucket", "k_bucket", "BLOCK_D", "EVEN_D", "VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP")
-
-
-def _stub_autotuned_kernel(monkeypatch, fastest):
-    """A kernel stub under `autotuned("backward")` with the sm_90 configs (so the Autotuner has
-    several to choose from), timed so that config `fastest` (BLOCK_M, BLOCK_N) wins; returns
-    the kernel and the list of launches it records (the keywords each launch was given)."""
-    from flashtile.triton_kernels import _common
-
-    monkeypatch.setattr(_common, "device_capability", lambda device=None: 90)
-    launches = []
-
-    def kernel_source(Q, DQ, n_q, q_bucket, k_bucket, BLOCK_D, EVEN_D, VARLEN, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                      BLOCK_M, BLOCK_N):
-        pass
-
-    class StubKernel:  # what the Autotuner needs of a JITFunction
-        fn = staticmethod(kernel_source)
-        arg_names = list(kernel_source.__code__.co_varnames[:13])
-
-        def run(self, *args, grid, warmup, **kwargs):
-            launches.append(kwargs)
-
-    kernel = _common.autotuned("backward")(StubKernel())
-
-    def timer(kernel_call, quantiles):
-        kernel_call()
-        chosen = (launches[-1]["BLOCK_M"], launches[-1]["BLOCK_N"])
-        return [1.0 if chosen == fastest else 2.0] * 3
-
-    kernel.do_bench = timer
-    return kernel, launches
-
-
-def _launch(kernel, dtype=torch.float16, q_bucket=64, **extra):
-    flags = dict(zip(AUTOTUNE_KEY, (q_bucket, 64, 64, True, False, False, True, False)))
-    q = torch.zeros(2, dtype=dtype)
-    kernel[(1,)](q, q, 50, **flags, **extra)
-
-
-def test_autotuner_remembers_the_autotuners_choice(monkeypatch):
-    """RememberingAutotuner (_launch.py) skips Triton's Autotuner.run after a key's first launch,
-    and launches with exactly the config, and the launch keywords, that Triton's chose."""
-    from triton.runtime.autotuner import Autotuner
-
-    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")
-    tuned = (64, 128)  # not the first shipped config (128, 64): the choice is the timer's
-    kernel, launches = _stub_autotuned_kernel(monkeypatch, fastest=tuned)
-    tuner_runs = []
-    original_run = Autotuner.run
-    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: tuner_runs.append(1) or original_run(self, *a, **k))
-
-    _launch(kernel)
-    assert len(tuner_runs) == 1 and len(launches) == 4 + 1  # four shipped configs timed, then the launch
-    config = kernel.best_config
-    assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == tuned
-    expected = config.all_kwargs()
-    assert {name: launches[-1][name] for name in expected} == expected
-
-    _launch(kernel)  # same key: no Autotuner.run, same launch keywords
-    assert len(tuner_runs) == 1 and len(launches) == 6
-    assert launches[-1] == launches[-2]
-    assert kernel.best_config is config
-
-    _launch(kernel, dtype=torch.bfloat16)  # a dtype is part of Triton's key: its own choice
-    _launch(kernel, q_bucket=128)  # so is every autotune key argument
-    assert len(tuner_runs) == 3
-    assert len(kernel.remembered) == 3
-
-    with pytest.raises(TypeError, match="positionally"):
-        kernel[(1,)](torch.zeros(2, dtype=torch.float16), 50, DQ=torch.zeros(2), q_bucket=256,
-                     **dict(zip(AUTOTUNE_KEY[1:], (64, 64, True, False, False, True, False))))
-
-
-def test_autotune_off_launches_the_first_shipped_config(monkeypatch):
-    """FLASHTILE_AUTOTUNE=0: the first shipped config, at the first launch and every later one."""
-    from flashtile.triton_kernels._common import config_tuples
-
-    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")
-    kernel, launches = _stub_autotuned_kernel(monkeypatch, fastest=(64, 128))
-    first = config_tuples("backward", 90, 64)[0]
-    for _ in range(2):
-        _launch(kernel)
-        launched = launches[-1]
-        assert (launched["BLOCK_M"], launched["BLOCK_N"], launched["num_warps"], launched["num_stages"]) == first

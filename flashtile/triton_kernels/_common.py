@@ -209,6 +209,17 @@ def stat_strides(stat):
     return strides[:2] if len(strides) == 3 else (0, strides[0])
 
 
+def binding_window(window_left: int, window_right: int, n_q: int, n_k: int):
+    """(left, right) with -1 for a side that bounds no query: the kernels then launch without
+    that side's edge loops, which cost time even when they mask nothing (a sliding window as
+    wide as the sequence; causal with Nq = 1).
+
+    Query i sits at p = i + Nk - Nq, in [Nk - Nq, Nk - 1]: left >= Nk - 1 gives
+    p - left <= 0 <= j for every key j, and right >= Nq - 1 gives p + right >= Nk - 1 >= j.
+    For varlen, n_q and n_k are the longest sequence's, so this holds for every sequence."""
+    return (-1 if window_left >= n_k - 1 else window_left, -1 if window_right >= n_q - 1 else window_right)
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """The shape and features of one attention call, as every launcher needs them.
@@ -240,6 +251,7 @@ class Problem:
         else:
             batch, q_heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
             kv_heads, n_q, n_k = k.shape[1], max_seqlen_q, max_seqlen_k
+        window_left, window_right = binding_window(window_left, window_right, n_q, n_k)
         return Problem(batch, q_heads, kv_heads, n_q, n_k, head_dim, scale, window_left, window_right, softcap,
                        cu_seqlens_q, cu_seqlens_k)
 
