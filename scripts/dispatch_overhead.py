@@ -31,19 +31,19 @@ CALLS = 200
 ROUNDS = 5
 
 
-def microseconds_per_call(fn, device, grad_tensors=()):
-    """The best of ROUNDS rounds of CALLS calls (the least disturbed by the rest of the machine)."""
+def microseconds_per_call(fn, device, grad_tensors=(), calls=CALLS):
+    """The best of ROUNDS rounds of `calls` calls (the least disturbed by the rest of the machine)."""
     fn()  # compile, autotune
     rounds = []
     for _ in range(ROUNDS):
         synchronize(device)
         start = time.perf_counter()
-        for _ in range(CALLS):
+        for _ in range(calls):
             fn()
             for t in grad_tensors:
                 t.grad = None
         synchronize(device)
-        rounds.append((time.perf_counter() - start) / CALLS * 1e6)
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
     return min(rounds)
 
 
@@ -81,14 +81,14 @@ def main():
         profile_host_time(impls[0], device)
 
 
-def profile_host_time(impl, device):
-    """cProfile's view of CALLS forward+backward calls of flashtile.attention (the profiler
-    itself slows Python-heavy code, so read it for proportions, not for microseconds)."""
+def profile_host_time(impl, device, dtype=None, shape=SHAPES[1], calls=CALLS):
+    """cProfile's view of `calls` forward+backward calls of flashtile.attention at `shape` (the
+    profiler itself slows Python-heavy code, so read it for proportions, not for microseconds)."""
     import cProfile
     import pstats
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    q, k, v = (torch.randn(SHAPES[1], device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     d_out = torch.randn_like(q)
 
     def step():
@@ -98,11 +98,11 @@ def profile_host_time(impl, device):
     synchronize(device)
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(CALLS):
+    for _ in range(calls):
         step()
     synchronize(device)
     profiler.disable()
-    print(f"\n{impl}: cProfile of {CALLS} forward+backward calls of flashtile.attention at {SHAPES[1]}")
+    print(f"\n{impl}: cProfile of {calls} forward+backward calls of flashtile.attention at {shape}")
     for order in ("tottime", "cumulative"):
         pstats.Stats(profiler).sort_stats(order).print_stats(25)
 

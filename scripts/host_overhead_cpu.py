@@ -12,15 +12,15 @@ flashtile's RememberingAutotuner. The GPU number is scripts/dispatch_overhead.py
 """
 import argparse
 import os
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
+import dispatch_overhead  # noqa: E402 (this folder; after TRITON_INTERPRET, as it imports flashtile)
+
 SHAPE = (1, 2, 16, 64)
 CALLS = 2000
-ROUNDS = 5
 
 
 class StubKernel:
@@ -55,14 +55,8 @@ def stub_kernels():
 
 
 def microseconds_per_call(fn):
-    fn()
-    rounds = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            fn()
-        rounds.append((time.perf_counter() - start) / CALLS * 1e6)
-    return min(rounds)
+    """dispatch_overhead.py's timer (best of its rounds), on the CPU, CALLS calls a round."""
+    return dispatch_overhead.microseconds_per_call(fn, "cpu", calls=CALLS)
 
 
 def autotuner_layer():
@@ -105,7 +99,7 @@ def main():
     def forward_backward():
         flashtile.attention(q, k, v, causal=True).backward(d_out)
 
-    print(f"v2 {SHAPE}, stub kernels, us per call (best of {ROUNDS} x {CALLS}):")
+    print(f"v2 {SHAPE}, stub kernels, us per call (best of {dispatch_overhead.ROUNDS} x {CALLS}):")
     with torch.no_grad():
         forward = microseconds_per_call(lambda: flashtile.attention(q, k, v, causal=True))
     print(f"  attention forward          {forward:7.1f}")
@@ -113,15 +107,7 @@ def main():
     print(f"  attention fwd+bwd          {microseconds_per_call(forward_backward):7.1f}")
     autotuner_layer()
     if args.profile:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(CALLS):
-            forward_backward()
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        dispatch_overhead.profile_host_time("v2", "cpu", torch.float16, SHAPE, CALLS)
 
 
 if __name__ == "__main__":
