@@ -67,8 +67,6 @@ def _stub_autotuned_kernel(monkeypatch, fastest):
     """A kernel stub under `autotuned("backward")` with the sm_90 configs (so the Autotuner has
     several to choose from), timed so that config `fastest` (BLOCK_M, BLOCK_N) wins; returns
     the kernel and the list of launches it records (the keywords each launch was given)."""
-    from flashtile.triton_kernels import _common
-
     monkeypatch.setattr(_common, "device_capability", lambda device=None: 90)
     launches = []
 
@@ -132,4 +130,3 @@ def test_autotuner_remembers_the_autotuners_choice(monkeypatch):
     with pytest.raises(TypeError, match="positionally"):
         kernel[(1,)](torch.zeros(2, dtype=torch.float16), 50, DQ=torch.zeros(2), q_bucket=256,
                      **dict(zip(AUTOTUNE_KEY[1:], (64, 64, True, False, False, True, False))))
-

@@ -734,4 +734,3 @@ def test_portable_configs_in_a_subprocess():
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
     assert "portable parity passed" in proc.stdout
     assert proc.stdout.count("ok ") == len(TRITON_IMPLEMENTATIONS)
-
