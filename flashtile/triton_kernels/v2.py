@@ -29,8 +29,8 @@ import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, d_contiguous, head_dim_args,
                       head_start, is_visible, key_blocks, load_tile, program_block, query_blocks, row_strides,
-                      scores_in_log2, sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile,
-                      tile_pointers)
+                      scores_in_log2, sequence, settle_cache_keys, skip_full_blocks, softcap_chain, stat_strides,
+                      store_tile, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -39,19 +39,33 @@ from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autot
 
 @triton.jit
 def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn,
-                      kv_lo, kv_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                      kv_lo, kv_hi, full_lo, full_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
+                      head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      MASKED: tl.constexpr, SKIP_FULL: tl.constexpr,
                       WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Online softmax over keys [kv_lo, kv_hi), BLOCK_N at a time (Algorithm 1, lines 7-10).
+    """Online softmax over keys [kv_lo, kv_hi), BLOCK_N at a time (Algorithm 1, lines 7-10);
+    with SKIP_FULL, less the unmasked blocks [full_lo, full_hi) (`skip_full_blocks`).
 
     row_max is m (log2 units), row_sum is l, acc is the unnormalised O~."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
     v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
-    for kv_first in range(kv_lo, kv_hi, BLOCK_N):
+    kv_end = kv_hi
+    if SKIP_FULL:
+        kv_end = kv_hi - (full_hi - full_lo)
+    for position in range(kv_lo, kv_end, BLOCK_N):
+        # k_ptrs / v_ptrs follow `position`; the tiles read are those of block kv_first.
+        kv_first = position
+        k_tile = k_ptrs
+        v_tile = v_ptrs
+        if SKIP_FULL:
+            skipped = skip_full_blocks(position, full_lo, full_hi)
+            kv_first = position + skipped
+            k_tile = k_ptrs + tl.cast(skipped, tl.int64) * stride_kn
+            v_tile = v_ptrs + tl.cast(skipped, tl.int64) * stride_vn
         keys = kv_first + local_keys
-        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        k = load_tile(k_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # Line 8: S = Q K^T, times scale * log2(e) (or softcapped): log2 units from here on.
         scores, _ = scores_in_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
@@ -68,7 +82,7 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
         p = tl.exp2(scores - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        v = load_tile(v_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # Line 10: O~_new = diag(exp2(m_old - m_new)) O~_old + P~ V: no division inside the loop.
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
         row_max = new_max
@@ -105,21 +119,23 @@ def _v2_forward_kernel(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Line 6, in two loops: first the key blocks that every query of this block sees whole
+    # (no mask), then the masked ones, the window's left edge [start, first_full) and the
+    # diagonal or the sequence's last partial block [end_full, hi), in one loop. The online
+    # softmax gives the same result in any block order, up to rounding.
     start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
                                                  WINDOW_LEFT, WINDOW_RIGHT)
-    if WINDOW_LEFT:  # blocks on the window's left edge
-        acc, row_max, row_sum = _forward_key_loop(
-            acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, start, first_full,
-            n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-            BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     acc, row_max, row_sum = _forward_key_loop(
         acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, first_full, end_full,
-        n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-        BLOCK_D, EVEN_D, BLOCK_N, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
+        BLOCK_D, EVEN_D, BLOCK_N, False, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    masked_lo = end_full
+    if WINDOW_LEFT:  # only a left edge makes the head [start, first_full) non-empty
+        masked_lo = start
     acc, row_max, row_sum = _forward_key_loop(
-        acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, end_full, hi,
-        n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-        BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, masked_lo, hi,
+        first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
+        BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
 
     # Lines 12-13: O = diag(l)^-1 O~ and L = m + log(l), back in natural log.
     # A row that saw no key has l = 0: it outputs 0 and L = -inf, never NaN.
@@ -214,14 +230,15 @@ def _dkdv_query_block(dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, d
 
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start,
-                     stride_qh, stride_qn, stride_doh, stride_don, stride_lh, members, q_lo, q_hi,
+                     stride_qh, stride_qn, stride_doh, stride_don, stride_lh, members, q_lo, q_hi, full_lo, full_hi,
                      n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                     GROUPED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                     SKIP_FULL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                     SOFTCAP: tl.constexpr, GROUPED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over queries [q_lo, q_hi) (Algorithm 2, line 8's
-    loop) of the `members` query heads that read its K/V head; *_start point at the first
-    of them, and the dQ buffer has dO's strides.
+    loop), with SKIP_FULL less the unmasked blocks [full_lo, full_hi) (`skip_full_blocks`),
+    of the `members` query heads that read its K/V head; *_start point at the first of
+    them, and the dQ buffer has dO's strides.
 
     GROUPED (GQA): one flat loop over (query head, query block) pairs, heads outer, not a
     loop over heads around a loop over blocks: Triton software-pipelines a flat loop as it
@@ -230,11 +247,16 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
     at D 128: hundreds of bytes of stack, none without GQA)."""
     local_queries = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    q_end = q_hi
+    if SKIP_FULL:
+        q_end = q_hi - (full_hi - full_lo)
     if GROUPED:
-        blocks = tl.cdiv(q_hi - q_lo, BLOCK_M)
+        blocks = tl.cdiv(q_end - q_lo, BLOCK_M)
         for step in range(0, members * blocks):
             member = step // blocks
             q_first = q_lo + (step - member * blocks) * BLOCK_M
+            if SKIP_FULL:
+                q_first += skip_full_blocks(q_first, full_lo, full_hi)
             head_offset = tl.cast(member, tl.int64)
             dk, dv = _dkdv_query_block(
                 dk, dv, k, v, keys,
@@ -248,9 +270,20 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
         q_ptrs = tile_pointers(q_start, q_lo, local_queries, dims, stride_qn)
         do_ptrs = tile_pointers(do_start, q_lo, local_queries, dims, stride_don)
         dq_ptrs = tile_pointers(dq_start, q_lo, local_queries, dims, stride_don)
-        for q_first in range(q_lo, q_hi, BLOCK_M):
+        for position in range(q_lo, q_end, BLOCK_M):
+            # The pointers follow `position`; the tiles read are those of block q_first.
+            q_first = position
+            q_tile = q_ptrs
+            do_tile = do_ptrs
+            dq_tile = dq_ptrs
+            if SKIP_FULL:
+                skipped = skip_full_blocks(position, full_lo, full_hi)
+                q_first = position + skipped
+                q_tile = q_ptrs + tl.cast(skipped, tl.int64) * stride_qn
+                do_tile = do_ptrs + tl.cast(skipped, tl.int64) * stride_don
+                dq_tile = dq_ptrs + tl.cast(skipped, tl.int64) * stride_don
             dk, dv = _dkdv_query_block(
-                dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, delta_start, q_first,
+                dk, dv, k, v, keys, q_tile, do_tile, dq_tile, lse_start, delta_start, q_first,
                 n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                 BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
             q_ptrs += BLOCK_M * stride_qn
@@ -301,23 +334,26 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
     lse_start = head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1)
     delta_start = head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1)
-    if WINDOW_RIGHT:  # query blocks on the diagonal (the window's right edge)
+    # In two loops: the masked query blocks, i.e. the diagonal [start, first_full) (a right
+    # edge) and the window's left edge [end_full, hi) in one loop, then the unmasked ones.
+    # A fixed order: dK and dV are the same sums, bit for bit, on every run.
+    if WINDOW_LEFT or WINDOW_RIGHT:
+        masked_lo = start
+        masked_hi = hi
+        if not WINDOW_RIGHT:  # the head is empty
+            masked_lo = end_full
+        if not WINDOW_LEFT:  # the tail is empty
+            masked_hi = first_full
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
-            stride_oh, stride_on, stride_lh, members, start, first_full, n_q, n_k, scale, qk_scale, softcap_log2,
-            window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT,
-            SOFTCAP, GROUPED, ATOMIC_DQ)
+            stride_oh, stride_on, stride_lh, members, masked_lo, masked_hi, first_full, end_full, n_q, n_k, scale,
+            qk_scale, softcap_log2, window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True,
+            WINDOW_LEFT and WINDOW_RIGHT, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, GROUPED, ATOMIC_DQ)
     dk, dv = _dkdv_query_loop(
         dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
-        stride_oh, stride_on, stride_lh, members, first_full, end_full, n_q, n_k, scale, qk_scale, softcap_log2,
-        window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT,
-        SOFTCAP, GROUPED, ATOMIC_DQ)
-    if WINDOW_LEFT:  # query blocks on the window's left edge
-        dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
-            stride_oh, stride_on, stride_lh, members, end_full, hi, n_q, n_k, scale, qk_scale, softcap_log2,
-            window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT,
-            SOFTCAP, GROUPED, ATOMIC_DQ)
+        stride_oh, stride_on, stride_lh, members, first_full, end_full, first_full, end_full, n_q, n_k, scale,
+        qk_scale, softcap_log2, window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, False,
+        WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, GROUPED, ATOMIC_DQ)
     dk *= scale  # dS was taken w.r.t. the scaled scores: dK = scale * dS^T Q
     # Line 18: write dK_j, dV_j.
     dk_start = head_start(DK, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
@@ -330,19 +366,33 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
 
 @triton.jit
 def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn,
-                 kv_lo, kv_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
+                 kv_lo, kv_hi, full_lo, full_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Accumulate dQ of one query block over keys [kv_lo, kv_hi) (Algorithm 2, lines 10-15,
-    with the loops swapped: this program owns dQ_i, so no other program writes it)."""
+                 SKIP_FULL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
+    """Accumulate dQ of one query block over keys [kv_lo, kv_hi), with SKIP_FULL less the
+    unmasked blocks [full_lo, full_hi) (`skip_full_blocks`) (Algorithm 2, lines 10-15, with
+    the loops swapped: this program owns dQ_i, so no other program writes it)."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
     v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
-    for kv_first in range(kv_lo, kv_hi, BLOCK_N):
+    kv_end = kv_hi
+    if SKIP_FULL:
+        kv_end = kv_hi - (full_hi - full_lo)
+    for position in range(kv_lo, kv_end, BLOCK_N):
+        # k_ptrs / v_ptrs follow `position`; the tiles read are those of block kv_first.
+        kv_first = position
+        k_tile = k_ptrs
+        v_tile = v_ptrs
+        if SKIP_FULL:
+            skipped = skip_full_blocks(position, full_lo, full_hi)
+            kv_first = position + skipped
+            k_tile = k_ptrs + tl.cast(skipped, tl.int64) * stride_kn
+            v_tile = v_ptrs + tl.cast(skipped, tl.int64) * stride_vn
         keys = kv_first + local_keys
-        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
-        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        k = load_tile(k_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        v = load_tile(v_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         scores, capped = scores_in_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
             visible = is_visible(queries[:, None], keys[None, :], n_q, n_k, window_left, window_right,
@@ -388,16 +438,16 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
     start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
                                                  WINDOW_LEFT, WINDOW_RIGHT)
-    if WINDOW_LEFT:
-        dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, start,
-                          first_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                          BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    # As in the forward: the unmasked key blocks, then both edges' masked blocks in one loop.
     dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, first_full,
-                      end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                      BLOCK_D, EVEN_D, BLOCK_N, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-    dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, end_full,
-                      hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                      BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+                      end_full, first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
+                      head_dim, BLOCK_D, EVEN_D, BLOCK_N, False, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    masked_lo = end_full
+    if WINDOW_LEFT:  # only a left edge makes the head [start, first_full) non-empty
+        masked_lo = start
+    dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, masked_lo,
+                      hi, first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
+                      head_dim, BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dq *= scale
     dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
     store_tile(tile_pointers(dq_start, q_first, local_queries, dims, stride_on), dq.to(DQ.dtype.element_ty), queries, n_q,
