@@ -49,23 +49,20 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
     row_max is m (log2 units), row_sum is l, acc is the unnormalised O~."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
-    v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
+    kv_first = kv_lo
     kv_end = kv_hi
     if SKIP_FULL:
+        kv_first += skip_full_blocks(kv_lo, full_lo, full_hi)
         kv_end = kv_hi - (full_hi - full_lo)
+    k_ptrs = tile_pointers(k_start, kv_first, local_keys, dims, stride_kn)
+    v_ptrs = tile_pointers(v_start, kv_first, local_keys, dims, stride_vn)
     for position in range(kv_lo, kv_end, BLOCK_N):
-        # k_ptrs / v_ptrs follow `position`; the tiles read are those of block kv_first.
+        # The pointers follow kv_first, the block read at `position`.
         kv_first = position
-        k_tile = k_ptrs
-        v_tile = v_ptrs
         if SKIP_FULL:
-            skipped = skip_full_blocks(position, full_lo, full_hi)
-            kv_first = position + skipped
-            k_tile = k_ptrs + tl.cast(skipped, tl.int64) * stride_kn
-            v_tile = v_ptrs + tl.cast(skipped, tl.int64) * stride_vn
+            kv_first += skip_full_blocks(position, full_lo, full_hi)
         keys = kv_first + local_keys
-        k = load_tile(k_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # Line 8: S = Q K^T, times scale * log2(e) (or softcapped): log2 units from here on.
         scores, _ = scores_in_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
@@ -82,12 +79,15 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
         p = tl.exp2(scores - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        v = load_tile(v_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # Line 10: O~_new = diag(exp2(m_old - m_new)) O~_old + P~ V: no division inside the loop.
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
         row_max = new_max
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        rows = BLOCK_N
+        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run
+            rows += skip_full_blocks(position + BLOCK_N, full_lo, full_hi) - skip_full_blocks(position, full_lo, full_hi)
+        k_ptrs += rows * stride_kn
+        v_ptrs += rows * stride_vn
     return acc, row_max, row_sum
 
 
@@ -382,24 +382,21 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, st
     the loops swapped: this program owns dQ_i, so no other program writes it)."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
-    v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
+    kv_first = kv_lo
     kv_end = kv_hi
     if SKIP_FULL:
+        kv_first += skip_full_blocks(kv_lo, full_lo, full_hi)
         kv_end = kv_hi - (full_hi - full_lo)
+    k_ptrs = tile_pointers(k_start, kv_first, local_keys, dims, stride_kn)
+    v_ptrs = tile_pointers(v_start, kv_first, local_keys, dims, stride_vn)
     for position in range(kv_lo, kv_end, BLOCK_N):
-        # k_ptrs / v_ptrs follow `position`; the tiles read are those of block kv_first.
+        # The pointers follow kv_first, the block read at `position`.
         kv_first = position
-        k_tile = k_ptrs
-        v_tile = v_ptrs
         if SKIP_FULL:
-            skipped = skip_full_blocks(position, full_lo, full_hi)
-            kv_first = position + skipped
-            k_tile = k_ptrs + tl.cast(skipped, tl.int64) * stride_kn
-            v_tile = v_ptrs + tl.cast(skipped, tl.int64) * stride_vn
+            kv_first += skip_full_blocks(position, full_lo, full_hi)
         keys = kv_first + local_keys
-        k = load_tile(k_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
-        v = load_tile(v_tile, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
+        v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         scores, capped = scores_in_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
             visible = is_visible(queries[:, None], keys[None, :], n_q, n_k, window_left, window_right,
@@ -409,8 +406,11 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, st
         dp = tl.dot(do, tl.trans(v))
         ds = softcap_chain(p * (dp - delta[:, None]), capped, SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq)  # line 15: dQ += dS K (times scale at the end)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        rows = BLOCK_N
+        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run
+            rows += skip_full_blocks(position + BLOCK_N, full_lo, full_hi) - skip_full_blocks(position, full_lo, full_hi)
+        k_ptrs += rows * stride_kn
+        v_ptrs += rows * stride_vn
     return dq
 
 
