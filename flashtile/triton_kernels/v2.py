@@ -84,8 +84,9 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
         row_max = new_max
         rows = BLOCK_N
-        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run
-            rows += skip_full_blocks(position + BLOCK_N, full_lo, full_hi) - skip_full_blocks(position, full_lo, full_hi)
+        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64: it can be long)
+            rows = tl.cast(BLOCK_N + skip_full_blocks(position + BLOCK_N, full_lo, full_hi)
+                           - skip_full_blocks(position, full_lo, full_hi), tl.int64)
         k_ptrs += rows * stride_kn
         v_ptrs += rows * stride_vn
     return acc, row_max, row_sum
@@ -284,9 +285,9 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
                 n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                 BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
             rows = BLOCK_M
-            if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run
-                rows += (skip_full_blocks(position + BLOCK_M, full_lo, full_hi)
-                         - skip_full_blocks(position, full_lo, full_hi))
+            if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64)
+                rows = tl.cast(BLOCK_M + skip_full_blocks(position + BLOCK_M, full_lo, full_hi)
+                               - skip_full_blocks(position, full_lo, full_hi), tl.int64)
             q_ptrs += rows * stride_qn
             do_ptrs += rows * stride_don
             dq_ptrs += rows * stride_don
@@ -407,8 +408,9 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, st
         ds = softcap_chain(p * (dp - delta[:, None]), capped, SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq)  # line 15: dQ += dS K (times scale at the end)
         rows = BLOCK_N
-        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run
-            rows += skip_full_blocks(position + BLOCK_N, full_lo, full_hi) - skip_full_blocks(position, full_lo, full_hi)
+        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64: it can be long)
+            rows = tl.cast(BLOCK_N + skip_full_blocks(position + BLOCK_N, full_lo, full_hi)
+                           - skip_full_blocks(position, full_lo, full_hi), tl.int64)
         k_ptrs += rows * stride_kn
         v_ptrs += rows * stride_vn
     return dq
