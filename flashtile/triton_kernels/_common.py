@@ -18,9 +18,11 @@ Conventions used by every kernel in this package
 - Visibility (FlashAttention-2's local attention, bottom-right aligned): query i sits at
   position p = i + Nk - Nq and sees key j iff p - left <= j <= p + right. A side that is
   unbounded (-1) is compiled out (WINDOW_LEFT / WINDOW_RIGHT constexprs); causal is
-  right = 0. Each loop over blocks is split into a masked head, an unmasked middle and a
+  right = 0. Each range of blocks is split into a masked head, an unmasked middle and a
   masked tail (`split_blocks`), and blocks outside the window are not visited at all, so a
-  window of w keys costs O(N w).
+  window of w keys costs O(N w). v1 runs one loop per part; v2 walks the head and the tail
+  in one masked loop that jumps over the middle (`skip_full_blocks`), so a kernel with
+  both edges carries two copies of its loop body, not three.
 - Softcap (Gemma 2): scores c * tanh(scale * q.k / c), in log2 units like the rest.
 """
 import dataclasses
@@ -376,6 +378,20 @@ def split_blocks(lo, all_lo, all_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def skip_full_blocks(position, full_lo, full_hi):
+    """How far past `position` the block starts that one masked loop visits there.
+
+    The masked blocks of a range are two runs, [start, full_lo) and [full_hi, hi), around
+    the unmasked run [full_lo, full_hi) (`split_blocks`). One loop walks the positions
+    range(start, hi - (full_hi - full_lo), BLOCK), and a position at or past full_lo stands
+    for the block full_hi - full_lo further on: the head's blocks first, then the tail's,
+    in a fixed order (v2's backward stays deterministic). One loop rather than two is one
+    copy of the loop body, and of its software pipeline, in the compiled kernel. When
+    full_lo is not a multiple of BLOCK it equals hi (`split_blocks`): the tail is empty."""
+    return tl.where(position >= full_lo, full_hi - full_lo, 0)
+
+
+@triton.jit
 def key_range(q_start, n_q, n_k, window_left, window_right, BLOCK_M: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """Keys that the queries [q_start, q_start + BLOCK_M) see: (lo, all_lo, all_hi, hi).
@@ -424,7 +440,10 @@ def key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M: tl.constex
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """The key blocks a query block visits, as (start, first_full, end_full, hi): masked
     [start, first_full) (the window's left edge), unmasked [first_full, end_full), masked
-    [end_full, hi) (the diagonal, or the sequence's last partial block)."""
+    [end_full, hi) (the diagonal, or the sequence's last partial block). This is
+    FlashAttention-2's inner loop over key blocks (Algorithm 1, line 6; for dQ, Algorithm 2
+    with its loops swapped) cut to the blocks the window touches (section 3.1.1). Without a
+    left window start = first_full: the head is empty."""
     lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
                                        WINDOW_LEFT, WINDOW_RIGHT)
     start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_N)
@@ -436,8 +455,11 @@ def query_blocks(k_first, n_q, n_k, window_left, window_right, BLOCK_N: tl.const
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """The query blocks a key block visits, as (start, first_full, end_full, hi): masked
     [start, first_full) (the diagonal), unmasked [first_full, end_full), masked [end_full, hi)
-    (the window's left edge). Without a left edge the last, partial query block needs no
-    mask: its missing rows load as zeros with L = +inf, so their P is 0."""
+    (the window's left edge): FlashAttention-2's loop over query blocks (Algorithm 2,
+    line 8) cut to the blocks the window touches. Without a right edge start = first_full
+    (the head is empty). Without a left edge the last, partial query block needs no mask:
+    its missing rows load as zeros with L = +inf, so their P is 0; the tail is then empty
+    (end_full = hi)."""
     lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
                                          WINDOW_LEFT, WINDOW_RIGHT)
     start, first_full, end_full = split_blocks(lo, all_lo, all_hi, hi, BLOCK_M)

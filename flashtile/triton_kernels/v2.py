@@ -29,8 +29,8 @@ import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, d_contiguous, head_dim_args,
                       head_start, is_visible, key_blocks, load_tile, program_block, query_blocks, row_strides,
-                      scores_in_log2, sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile,
-                      tile_pointers)
+                      scores_in_log2, sequence, settle_cache_keys, skip_full_blocks, softcap_chain, stat_strides,
+                      store_tile, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -39,17 +39,28 @@ from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autot
 
 @triton.jit
 def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn,
-                      kv_lo, kv_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                      kv_lo, kv_hi, full_lo, full_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
+                      head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      MASKED: tl.constexpr, SKIP_FULL: tl.constexpr,
                       WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Online softmax over keys [kv_lo, kv_hi), BLOCK_N at a time (Algorithm 1, lines 7-10).
+    """Online softmax over keys [kv_lo, kv_hi), BLOCK_N at a time (Algorithm 1, lines 7-10);
+    with SKIP_FULL, less the unmasked blocks [full_lo, full_hi) (`skip_full_blocks`).
 
     row_max is m (log2 units), row_sum is l, acc is the unnormalised O~."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
-    v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
-    for kv_first in range(kv_lo, kv_hi, BLOCK_N):
+    kv_first = kv_lo
+    kv_end = kv_hi
+    if SKIP_FULL:
+        kv_first += skip_full_blocks(kv_lo, full_lo, full_hi)
+        kv_end = kv_hi - (full_hi - full_lo)
+    k_ptrs = tile_pointers(k_start, kv_first, local_keys, dims, stride_kn)
+    v_ptrs = tile_pointers(v_start, kv_first, local_keys, dims, stride_vn)
+    for position in range(kv_lo, kv_end, BLOCK_N):
+        # The pointers follow kv_first, the block read at `position`.
+        kv_first = position
+        if SKIP_FULL:
+            kv_first += skip_full_blocks(position, full_lo, full_hi)
         keys = kv_first + local_keys
         k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # Line 8: S = Q K^T, times scale * log2(e) (or softcapped): log2 units from here on.
@@ -72,8 +83,12 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
         # Line 10: O~_new = diag(exp2(m_old - m_new)) O~_old + P~ V: no division inside the loop.
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
         row_max = new_max
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        rows = BLOCK_N
+        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64: it can be long)
+            rows = tl.cast(BLOCK_N + skip_full_blocks(position + BLOCK_N, full_lo, full_hi)
+                           - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+        k_ptrs += rows * stride_kn
+        v_ptrs += rows * stride_vn
     return acc, row_max, row_sum
 
 
@@ -105,21 +120,23 @@ def _v2_forward_kernel(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Line 6, in two loops: first the key blocks that every query of this block sees whole
+    # (no mask), then the masked ones, the window's left edge [start, first_full) and the
+    # diagonal or the sequence's last partial block [end_full, hi), in one loop. The online
+    # softmax gives the same result in any block order, up to rounding.
     start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
                                                  WINDOW_LEFT, WINDOW_RIGHT)
-    if WINDOW_LEFT:  # blocks on the window's left edge
-        acc, row_max, row_sum = _forward_key_loop(
-            acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, start, first_full,
-            n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-            BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     acc, row_max, row_sum = _forward_key_loop(
         acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, first_full, end_full,
-        n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-        BLOCK_D, EVEN_D, BLOCK_N, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
+        BLOCK_D, EVEN_D, BLOCK_N, False, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    masked_lo = end_full
+    if WINDOW_LEFT:  # only a left edge makes the head [start, first_full) non-empty
+        masked_lo = start
     acc, row_max, row_sum = _forward_key_loop(
-        acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, end_full, hi,
-        n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-        BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+        acc, row_max, row_sum, q, queries, k_start, v_start, stride_kn, stride_vn, masked_lo, hi,
+        first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
+        BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
 
     # Lines 12-13: O = diag(l)^-1 O~ and L = m + log(l), back in natural log.
     # A row that saw no key has l = 0: it outputs 0 and L = -inf, never NaN.
@@ -214,14 +231,15 @@ def _dkdv_query_block(dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, d
 
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start,
-                     stride_qh, stride_qn, stride_doh, stride_don, stride_lh, members, q_lo, q_hi,
+                     stride_qh, stride_qn, stride_doh, stride_don, stride_lh, members, q_lo, q_hi, full_lo, full_hi,
                      n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                     GROUPED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                     SKIP_FULL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                     SOFTCAP: tl.constexpr, GROUPED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over queries [q_lo, q_hi) (Algorithm 2, line 8's
-    loop) of the `members` query heads that read its K/V head; *_start point at the first
-    of them, and the dQ buffer has dO's strides.
+    loop), with SKIP_FULL less the unmasked blocks [full_lo, full_hi) (`skip_full_blocks`),
+    of the `members` query heads that read its K/V head; *_start point at the first of
+    them, and the dQ buffer has dO's strides.
 
     GROUPED (GQA): one flat loop over (query head, query block) pairs, heads outer, not a
     loop over heads around a loop over blocks: Triton software-pipelines a flat loop as it
@@ -230,11 +248,16 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
     at D 128: hundreds of bytes of stack, none without GQA)."""
     local_queries = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    q_end = q_hi
+    if SKIP_FULL:
+        q_end = q_hi - (full_hi - full_lo)
     if GROUPED:
-        blocks = tl.cdiv(q_hi - q_lo, BLOCK_M)
+        blocks = tl.cdiv(q_end - q_lo, BLOCK_M)
         for step in range(0, members * blocks):
             member = step // blocks
             q_first = q_lo + (step - member * blocks) * BLOCK_M
+            if SKIP_FULL:
+                q_first += skip_full_blocks(q_first, full_lo, full_hi)
             head_offset = tl.cast(member, tl.int64)
             dk, dv = _dkdv_query_block(
                 dk, dv, k, v, keys,
@@ -245,17 +268,29 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
                 n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                 BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
     else:
-        q_ptrs = tile_pointers(q_start, q_lo, local_queries, dims, stride_qn)
-        do_ptrs = tile_pointers(do_start, q_lo, local_queries, dims, stride_don)
-        dq_ptrs = tile_pointers(dq_start, q_lo, local_queries, dims, stride_don)
-        for q_first in range(q_lo, q_hi, BLOCK_M):
+        q_first = q_lo
+        if SKIP_FULL:
+            q_first += skip_full_blocks(q_lo, full_lo, full_hi)
+        q_ptrs = tile_pointers(q_start, q_first, local_queries, dims, stride_qn)
+        do_ptrs = tile_pointers(do_start, q_first, local_queries, dims, stride_don)
+        dq_ptrs = tile_pointers(dq_start, q_first, local_queries, dims, stride_don)
+        for position in range(q_lo, q_end, BLOCK_M):
+            # The pointers follow q_first, the block read at `position`: one set of pointers
+            # carried by the loop, moved on by the jump too (a second set spills more).
+            q_first = position
+            if SKIP_FULL:
+                q_first += skip_full_blocks(position, full_lo, full_hi)
             dk, dv = _dkdv_query_block(
                 dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, delta_start, q_first,
                 n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                 BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
-            q_ptrs += BLOCK_M * stride_qn
-            do_ptrs += BLOCK_M * stride_don
-            dq_ptrs += BLOCK_M * stride_don
+            rows = BLOCK_M
+            if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64)
+                rows = tl.cast(BLOCK_M + skip_full_blocks(position + BLOCK_M, full_lo, full_hi)
+                               - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+            q_ptrs += rows * stride_qn
+            do_ptrs += rows * stride_don
+            dq_ptrs += rows * stride_don
     return dk, dv
 
 
@@ -301,23 +336,32 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
     lse_start = head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1)
     delta_start = head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1)
-    if WINDOW_RIGHT:  # query blocks on the diagonal (the window's right edge)
+    # In two loops: the masked query blocks, i.e. the diagonal [start, first_full) (a right
+    # edge) and the window's left edge [end_full, hi) in one loop, and the unmasked ones
+    # [first_full, end_full). A fixed order: dK and dV are the same sums, bit for bit, on
+    # every run. The masked loop runs first when there is a diagonal and last for a left
+    # edge alone: compiled for sm_90 (`flashtile.aot --resources`), the other order spills
+    # registers that this one does not (causal 0 -> 88 B, left-only 0 -> 112 B at 128x64).
+    if WINDOW_RIGHT:
+        masked_hi = first_full
+        if WINDOW_LEFT:
+            masked_hi = hi
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
-            stride_oh, stride_on, stride_lh, members, start, first_full, n_q, n_k, scale, qk_scale, softcap_log2,
-            window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT,
-            SOFTCAP, GROUPED, ATOMIC_DQ)
+            stride_oh, stride_on, stride_lh, members, start, masked_hi, first_full, end_full, n_q, n_k, scale,
+            qk_scale, softcap_log2, window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True,
+            WINDOW_LEFT, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, GROUPED, ATOMIC_DQ)
     dk, dv = _dkdv_query_loop(
         dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
-        stride_oh, stride_on, stride_lh, members, first_full, end_full, n_q, n_k, scale, qk_scale, softcap_log2,
-        window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, WINDOW_LEFT, WINDOW_RIGHT,
-        SOFTCAP, GROUPED, ATOMIC_DQ)
-    if WINDOW_LEFT:  # query blocks on the window's left edge
+        stride_oh, stride_on, stride_lh, members, first_full, end_full, first_full, end_full, n_q, n_k, scale,
+        qk_scale, softcap_log2, window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, False, False,
+        WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, GROUPED, ATOMIC_DQ)
+    if WINDOW_LEFT and not WINDOW_RIGHT:  # the left edge alone (the head is empty)
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start, delta_start, stride_qh, stride_qn,
-            stride_oh, stride_on, stride_lh, members, end_full, hi, n_q, n_k, scale, qk_scale, softcap_log2,
-            window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, WINDOW_LEFT, WINDOW_RIGHT,
-            SOFTCAP, GROUPED, ATOMIC_DQ)
+            stride_oh, stride_on, stride_lh, members, end_full, hi, first_full, end_full, n_q, n_k, scale,
+            qk_scale, softcap_log2, window_left, window_right, head_dim, BLOCK_D, EVEN_D, BLOCK_M, True, False,
+            WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, GROUPED, ATOMIC_DQ)
     dk *= scale  # dS was taken w.r.t. the scaled scores: dK = scale * dS^T Q
     # Line 18: write dK_j, dV_j.
     dk_start = head_start(DK, batch, kv_head, k_row0, stride_gb, stride_gh, stride_gn)
@@ -330,16 +374,27 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
 
 @triton.jit
 def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn,
-                 kv_lo, kv_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
+                 kv_lo, kv_hi, full_lo, full_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Accumulate dQ of one query block over keys [kv_lo, kv_hi) (Algorithm 2, lines 10-15,
-    with the loops swapped: this program owns dQ_i, so no other program writes it)."""
+                 SKIP_FULL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
+    """Accumulate dQ of one query block over keys [kv_lo, kv_hi), with SKIP_FULL less the
+    unmasked blocks [full_lo, full_hi) (`skip_full_blocks`) (Algorithm 2, lines 10-15, with
+    the loops swapped: this program owns dQ_i, so no other program writes it)."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_ptrs = tile_pointers(k_start, kv_lo, local_keys, dims, stride_kn)
-    v_ptrs = tile_pointers(v_start, kv_lo, local_keys, dims, stride_vn)
-    for kv_first in range(kv_lo, kv_hi, BLOCK_N):
+    kv_first = kv_lo
+    kv_end = kv_hi
+    if SKIP_FULL:
+        kv_first += skip_full_blocks(kv_lo, full_lo, full_hi)
+        kv_end = kv_hi - (full_hi - full_lo)
+    k_ptrs = tile_pointers(k_start, kv_first, local_keys, dims, stride_kn)
+    v_ptrs = tile_pointers(v_start, kv_first, local_keys, dims, stride_vn)
+    for position in range(kv_lo, kv_end, BLOCK_N):
+        # The pointers follow kv_first, the block read at `position`.
+        kv_first = position
+        if SKIP_FULL:
+            kv_first += skip_full_blocks(position, full_lo, full_hi)
         keys = kv_first + local_keys
         k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
@@ -352,8 +407,12 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, st
         dp = tl.dot(do, tl.trans(v))
         ds = softcap_chain(p * (dp - delta[:, None]), capped, SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq)  # line 15: dQ += dS K (times scale at the end)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        rows = BLOCK_N
+        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64: it can be long)
+            rows = tl.cast(BLOCK_N + skip_full_blocks(position + BLOCK_N, full_lo, full_hi)
+                           - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+        k_ptrs += rows * stride_kn
+        v_ptrs += rows * stride_vn
     return dq
 
 
@@ -388,16 +447,16 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
     start, first_full, end_full, hi = key_blocks(q_first, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N,
                                                  WINDOW_LEFT, WINDOW_RIGHT)
-    if WINDOW_LEFT:
-        dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, start,
-                          first_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                          BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    # As in the forward: the unmasked key blocks, then both edges' masked blocks in one loop.
     dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, first_full,
-                      end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                      BLOCK_D, EVEN_D, BLOCK_N, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-    dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, end_full,
-                      hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right, head_dim,
-                      BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+                      end_full, first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
+                      head_dim, BLOCK_D, EVEN_D, BLOCK_N, False, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+    masked_lo = end_full
+    if WINDOW_LEFT:  # only a left edge makes the head [start, first_full) non-empty
+        masked_lo = start
+    dq = _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, stride_vn, masked_lo,
+                      hi, first_full, end_full, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
+                      head_dim, BLOCK_D, EVEN_D, BLOCK_N, True, WINDOW_LEFT, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
     dq *= scale
     dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
     store_tile(tile_pointers(dq_start, q_first, local_queries, dims, stride_on), dq.to(DQ.dtype.element_ty), queries, n_q,
