@@ -1,0 +1,52 @@
+"""A/B: v2 of the flashtile package under sys.argv[2] (a folder) on named points; sdpa_cudnn beside it."""
+import sys, json, time
+sys.path.insert(0, sys.argv[2])
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+import flashtile
+assert flashtile.__file__.startswith(sys.argv[2]), flashtile.__file__
+label, points, with_cudnn = sys.argv[1], sys.argv[3].split(","), sys.argv[4] == "1"
+SHAPES = {  # name: (B, H, N, D, causal, window)
+    "win4k_16k": (1, 16, 16384, 128, True, (4095, 0)),
+    "win512x2_4k": (4, 16, 4096, 128, False, (512, 512)),
+    "causal16k": (1, 16, 16384, 128, True, (-1, -1)),
+    "causal4k": (4, 16, 4096, 128, True, (-1, -1)),
+    "full4k": (4, 16, 4096, 128, False, (-1, -1)),
+    "d256_1k": (16, 8, 1024, 256, False, (-1, -1)),
+    "d256_4k": (4, 8, 4096, 256, False, (-1, -1)),
+    "d256_4k_c": (4, 8, 4096, 256, True, (-1, -1)),
+    "d256_16k_c": (1, 8, 16384, 256, True, (-1, -1)),
+}
+def visible(n, causal, window):
+    left, right = window
+    if causal: right = 0
+    import numpy as np
+    i = np.arange(n)[:, None]; j = np.arange(n)[None, :]
+    m = np.ones((n, n), bool)
+    if left >= 0: m &= j >= i - left
+    if right >= 0: m &= j <= i + right
+    return int(m.sum())
+for name in points:
+    b, h, n, d, causal, window = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn_like(q)
+    flops = 4 * b * h * visible(n, causal, window) * d
+    fns = {"v2": lambda: flashtile.attention(q, k, v, causal=causal, window_size=window, impl="v2")}
+    if with_cudnn and window == (-1, -1):
+        def f():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        fns["sdpa_cudnn"] = f
+    for impl, fn in fns.items():
+        try:
+            t0 = time.perf_counter(); fn().backward(do); torch.cuda.synchronize(); first = time.perf_counter() - t0
+            fwd = do_bench(fn, warmup=25, rep=200, return_mode="median")
+            fb = do_bench(lambda: fn().backward(do), warmup=25, rep=200, return_mode="median", grad_to_none=[q, k, v])
+            row = dict(side=label, point=name, impl=impl, fwd_tflops=round(flops / fwd / 1e9, 1),
+                       fwd_bwd_tflops=round(3.5 * flops / fb / 1e9, 1), first_call_s=round(first, 2))
+        except Exception as e:
+            row = dict(side=label, point=name, impl=impl, error=str(e).splitlines()[0][:200])
+        print(json.dumps(row), flush=True)
