@@ -1,4 +1,6 @@
-"""A/B: v2 of the flashtile package under sys.argv[2] (a folder) on named points; sdpa_cudnn beside it."""
+"""A/B: flashtile implementations (default v2) of the package under sys.argv[2] (a folder) on named points, sdpa_cudnn beside them.
+
+Arguments: LABEL PACKAGE_DIR POINTS WITH_CUDNN(0/1) [IMPLS [DTYPE]]."""
 import sys, json, time
 sys.path.insert(0, sys.argv[2])
 import torch
@@ -8,7 +10,11 @@ from triton.testing import do_bench
 import flashtile
 assert flashtile.__file__.startswith(sys.argv[2]), flashtile.__file__
 label, points, with_cudnn = sys.argv[1], sys.argv[3].split(","), sys.argv[4] == "1"
-SHAPES = {  # name: (B, H, N, D, causal, window)
+impls = sys.argv[5].split(",") if len(sys.argv) > 5 else ["v2"]
+dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.float16
+SHAPES = {  # name: (B, H, N, D, causal, window[, Hkv])
+    "gqa16k": (1, 32, 16384, 128, True, (-1, -1), 4),
+    "full1k": (16, 16, 1024, 128, False, (-1, -1)),
     "win4k_16k": (1, 16, 16384, 128, True, (4095, 0)),
     "win512x2_4k": (4, 16, 4096, 128, False, (512, 512)),
     "causal16k": (1, 16, 16384, 128, True, (-1, -1)),
@@ -29,24 +35,26 @@ def visible(n, causal, window):
     if right >= 0: m &= j <= i + right
     return int(m.sum())
 for name in points:
-    b, h, n, d, causal, window = SHAPES[name]
+    b, h, n, d, causal, window, *rest = SHAPES[name]
+    hkv = rest[0] if rest else h
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=g).requires_grad_() for _ in range(3))
+    q = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(2))
     do = torch.randn_like(q)
     flops = 4 * b * h * visible(n, causal, window) * d
-    fns = {"v2": lambda: flashtile.attention(q, k, v, causal=causal, window_size=window, impl="v2")}
+    fns = {impl: (lambda impl=impl: flashtile.attention(q, k, v, causal=causal, window_size=window, impl=impl)) for impl in impls}
     if with_cudnn and window == (-1, -1):
         def f():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != h)
         fns["sdpa_cudnn"] = f
     for impl, fn in fns.items():
         try:
             t0 = time.perf_counter(); fn().backward(do); torch.cuda.synchronize(); first = time.perf_counter() - t0
             fwd = do_bench(fn, warmup=25, rep=200, return_mode="median")
             fb = do_bench(lambda: fn().backward(do), warmup=25, rep=200, return_mode="median", grad_to_none=[q, k, v])
-            row = dict(side=label, point=name, impl=impl, fwd_tflops=round(flops / fwd / 1e9, 1),
+            row = dict(side=label, point=name, impl=impl, dtype=str(dtype)[6:], fwd_tflops=round(flops / fwd / 1e9, 1),
                        fwd_bwd_tflops=round(3.5 * flops / fb / 1e9, 1), first_call_s=round(first, 2))
         except Exception as e:
-            row = dict(side=label, point=name, impl=impl, error=str(e).splitlines()[0][:200])
+            row = dict(side=label, point=name, impl=impl, dtype=str(dtype)[6:], error=str(e).splitlines()[0][:200])
         print(json.dumps(row), flush=True)
