@@ -394,6 +394,39 @@ def skip_full_blocks(position, full_lo, full_hi):
 
 
 @triton.jit
+def masked_loop_bounds(lo, hi, full_lo, full_hi, SKIP_FULL: tl.constexpr):
+    """(first row read, end of the counter) of a loop over the blocks [lo, hi); with SKIP_FULL
+    the counter covers only the masked blocks and stands for them (`skip_full_blocks`)."""
+    first = lo
+    end = hi
+    if SKIP_FULL:
+        first += skip_full_blocks(lo, full_lo, full_hi)
+        end = hi - (full_hi - full_lo)
+    return first, end
+
+
+@triton.jit
+def block_read_at(position, full_lo, full_hi, SKIP_FULL: tl.constexpr):
+    """The first row of the block that the loop counter `position` reads."""
+    first = position
+    if SKIP_FULL:
+        first += skip_full_blocks(position, full_lo, full_hi)
+    return first
+
+
+@triton.jit
+def rows_to_next_block(position, BLOCK: tl.constexpr, full_lo, full_hi, SKIP_FULL: tl.constexpr):
+    """How far a loop's pointers move after the block read at `position`: BLOCK, or with
+    SKIP_FULL from the head's last block to the tail's first, over the unmasked run (int64:
+    the run can be long)."""
+    rows = BLOCK
+    if SKIP_FULL:
+        rows = tl.cast(BLOCK + skip_full_blocks(position + BLOCK, full_lo, full_hi)
+                       - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+    return rows
+
+
+@triton.jit
 def key_range(q_start, n_q, n_k, window_left, window_right, BLOCK_M: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """Keys that the queries [q_start, q_start + BLOCK_M) see: (lo, all_lo, all_hi, hi).

@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, d_contiguous, head_dim_args,
-                      head_start, is_visible, key_blocks, load_tile, program_block, query_blocks, row_strides,
-                      scores_in_log2, sequence, settle_cache_keys, skip_full_blocks, softcap_chain, stat_strides,
-                      store_tile, tile_pointers)
+from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, block_read_at, d_contiguous,
+                      head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds, program_block,
+                      query_blocks, row_strides, rows_to_next_block, scores_in_log2, sequence, settle_cache_keys,
+                      softcap_chain, stat_strides, store_tile, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -49,18 +49,12 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
     row_max is m (log2 units), row_sum is l, acc is the unnormalised O~."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_first = kv_lo
-    kv_end = kv_hi
-    if SKIP_FULL:
-        kv_first += skip_full_blocks(kv_lo, full_lo, full_hi)
-        kv_end = kv_hi - (full_hi - full_lo)
+    kv_first, kv_end = masked_loop_bounds(kv_lo, kv_hi, full_lo, full_hi, SKIP_FULL)
     k_ptrs = tile_pointers(k_start, kv_first, local_keys, dims, stride_kn)
     v_ptrs = tile_pointers(v_start, kv_first, local_keys, dims, stride_vn)
     for position in range(kv_lo, kv_end, BLOCK_N):
         # The pointers follow kv_first, the block read at `position`.
-        kv_first = position
-        if SKIP_FULL:
-            kv_first += skip_full_blocks(position, full_lo, full_hi)
+        kv_first = block_read_at(position, full_lo, full_hi, SKIP_FULL)
         keys = kv_first + local_keys
         k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         # Line 8: S = Q K^T, times scale * log2(e) (or softcapped): log2 units from here on.
@@ -83,10 +77,7 @@ def _forward_key_loop(acc, row_max, row_sum, q, queries, k_start, v_start, strid
         # Line 10: O~_new = diag(exp2(m_old - m_new)) O~_old + P~ V: no division inside the loop.
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
         row_max = new_max
-        rows = BLOCK_N
-        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64: it can be long)
-            rows = tl.cast(BLOCK_N + skip_full_blocks(position + BLOCK_N, full_lo, full_hi)
-                           - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+        rows = rows_to_next_block(position, BLOCK_N, full_lo, full_hi, SKIP_FULL)
         k_ptrs += rows * stride_kn
         v_ptrs += rows * stride_vn
     return acc, row_max, row_sum
@@ -248,16 +239,12 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
     at D 128: hundreds of bytes of stack, none without GQA)."""
     local_queries = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_end = q_hi
-    if SKIP_FULL:
-        q_end = q_hi - (full_hi - full_lo)
+    q_first, q_end = masked_loop_bounds(q_lo, q_hi, full_lo, full_hi, SKIP_FULL)
     if GROUPED:
         blocks = tl.cdiv(q_end - q_lo, BLOCK_M)
         for step in range(0, members * blocks):
             member = step // blocks
-            q_first = q_lo + (step - member * blocks) * BLOCK_M
-            if SKIP_FULL:
-                q_first += skip_full_blocks(q_first, full_lo, full_hi)
+            q_first = block_read_at(q_lo + (step - member * blocks) * BLOCK_M, full_lo, full_hi, SKIP_FULL)
             head_offset = tl.cast(member, tl.int64)
             dk, dv = _dkdv_query_block(
                 dk, dv, k, v, keys,
@@ -268,26 +255,18 @@ def _dkdv_query_loop(dk, dv, k, v, keys, q_start, do_start, dq_start, lse_start,
                 n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                 BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
     else:
-        q_first = q_lo
-        if SKIP_FULL:
-            q_first += skip_full_blocks(q_lo, full_lo, full_hi)
         q_ptrs = tile_pointers(q_start, q_first, local_queries, dims, stride_qn)
         do_ptrs = tile_pointers(do_start, q_first, local_queries, dims, stride_don)
         dq_ptrs = tile_pointers(dq_start, q_first, local_queries, dims, stride_don)
         for position in range(q_lo, q_end, BLOCK_M):
             # The pointers follow q_first, the block read at `position`: one set of pointers
             # carried by the loop, moved on by the jump too (a second set spills more).
-            q_first = position
-            if SKIP_FULL:
-                q_first += skip_full_blocks(position, full_lo, full_hi)
+            q_first = block_read_at(position, full_lo, full_hi, SKIP_FULL)
             dk, dv = _dkdv_query_block(
                 dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, delta_start, q_first,
                 n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                 BLOCK_D, EVEN_D, BLOCK_M, MASKED, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ATOMIC_DQ)
-            rows = BLOCK_M
-            if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64)
-                rows = tl.cast(BLOCK_M + skip_full_blocks(position + BLOCK_M, full_lo, full_hi)
-                               - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+            rows = rows_to_next_block(position, BLOCK_M, full_lo, full_hi, SKIP_FULL)
             q_ptrs += rows * stride_qn
             do_ptrs += rows * stride_don
             dq_ptrs += rows * stride_don
@@ -383,18 +362,12 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, st
     the loops swapped: this program owns dQ_i, so no other program writes it)."""
     local_keys = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_first = kv_lo
-    kv_end = kv_hi
-    if SKIP_FULL:
-        kv_first += skip_full_blocks(kv_lo, full_lo, full_hi)
-        kv_end = kv_hi - (full_hi - full_lo)
+    kv_first, kv_end = masked_loop_bounds(kv_lo, kv_hi, full_lo, full_hi, SKIP_FULL)
     k_ptrs = tile_pointers(k_start, kv_first, local_keys, dims, stride_kn)
     v_ptrs = tile_pointers(v_start, kv_first, local_keys, dims, stride_vn)
     for position in range(kv_lo, kv_end, BLOCK_N):
         # The pointers follow kv_first, the block read at `position`.
-        kv_first = position
-        if SKIP_FULL:
-            kv_first += skip_full_blocks(position, full_lo, full_hi)
+        kv_first = block_read_at(position, full_lo, full_hi, SKIP_FULL)
         keys = kv_first + local_keys
         k = load_tile(k_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
         v = load_tile(v_ptrs, keys, n_k, dims, head_dim, EVEN_D, MASKED)
@@ -407,10 +380,7 @@ def _dq_key_loop(dq, q, do, lse, delta, queries, k_start, v_start, stride_kn, st
         dp = tl.dot(do, tl.trans(v))
         ds = softcap_chain(p * (dp - delta[:, None]), capped, SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq)  # line 15: dQ += dS K (times scale at the end)
-        rows = BLOCK_N
-        if SKIP_FULL:  # from the head's last block to the tail's first: over the unmasked run (int64: it can be long)
-            rows = tl.cast(BLOCK_N + skip_full_blocks(position + BLOCK_N, full_lo, full_hi)
-                           - skip_full_blocks(position, full_lo, full_hi), tl.int64)
+        rows = rows_to_next_block(position, BLOCK_N, full_lo, full_hi, SKIP_FULL)
         k_ptrs += rows * stride_kn
         v_ptrs += rows * stride_vn
     return dq
