@@ -388,8 +388,9 @@ def packed_program_block(CU_SEQLENS, n_heads, total_rows, BLOCK: tl.constexpr, L
     end = tl.load(CU_SEQLENS + lo + 1)
     block = slot - (first // BLOCK + lo)
     if LONGEST_FIRST:
-        last = end // BLOCK - first // BLOCK  # the sequence's slots are 0..last; slots past
-        block = tl.where(block <= last, last - block, block)  # c[n_seqs] stay past the end
+        # The sequence's slots are blocks 0..last; the slots past c[n_seqs] stay past its end.
+        last = end // BLOCK - first // BLOCK
+        block = tl.where(block <= last, last - block, block)
     return lo, head, block * BLOCK, first, end - first
 
 
