@@ -48,6 +48,8 @@ import textwrap
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import flashtile
 from flashtile.cuda_reference import reference_problems
@@ -55,7 +57,7 @@ from flashtile.reference import effective_window, visible_keys
 from flashtile.registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, REGISTRY, TRITON_IMPLEMENTATIONS
 from flashtile.testing import (assert_matches_reference, compare, flashtile_impl, make_qkv, make_varlen_qkv,
                                random_like, reference_results, rerun_bitwise, run_attention)
-from flashtile.triton_kernels._common import binding_window
+from flashtile.triton_kernels._common import binding_window, program_rows
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -308,17 +310,19 @@ def compile_signature(case):
     if is_varlen(case):
         n_q, n_k = (max(lengths) for lengths in zip(*case.seqlens))
         total_q, total_k = (sum(lengths) for lengths in zip(*case.seqlens))
+        rows_q, rows_k = total_q, total_k  # the kernels' n_q / n_k: packed rows (Problem.kernel_rows)
         rows = lambda H, total: (0, total * D, D) if transposed else (0, D, H * D)  # noqa: E731
         strides = rows(case.Hq, total_q) + rows(case.Hkv, total_k) + (0, D, case.Hq * D, 0, D, case.Hkv * D,
                                                                      0, total_q)
     else:
         n_q, n_k = case.n_q, case.n_k
+        rows_q, rows_k = n_q, n_k
         rows = lambda H, n: (n * H * D, D, H * D) if transposed else (H * n * D, n * D, D)  # noqa: E731
         strides = rows(case.Hq, n_q) + rows(case.Hkv, n_k) + (case.Hq * n_q * D, n_q * D, D,
                                                               case.Hkv * n_k * D, n_k * D, D, case.Hq * n_q, n_q)
     left, right = binding_window(*effective_window(case.causal, case.window), n_q, n_k)
     bucket = lambda n: 1 << (max(n, 1) - 1).bit_length()  # noqa: E731
-    ints = strides + (case.Hq, case.Hkv, case.Hq // case.Hkv, n_q, n_k, D, max(left, 0), max(right, 0),
+    ints = strides + (case.Hq, case.Hkv, case.Hq // case.Hkv, rows_q, rows_k, D, max(left, 0), max(right, 0),
                       bucket(n_q), bucket(n_k))
     flags = (is_varlen(case), left >= 0, right >= 0, case.softcap > 0)
     return (str(case.dtype), block_d, D == block_d) + flags + tuple(_int_class(x) for x in ints)
@@ -348,6 +352,83 @@ def test_windows_that_bound_nothing_are_dropped(n_q, n_k):
                     wider = [left, right]
                     wider[side] = -1
                     assert not torch.equal(visible_keys(n_q, n_k, tuple(wider)), visible_keys(n_q, n_k, (left, right)))
+
+
+def packed_slots(lengths, block):
+    """The program slots of each sequence in a packed varlen grid of one head, as
+    packed_program_block assigns them: [c[b] // block + b, c[b+1] // block + b + 1)."""
+    ends = [0]
+    for n in lengths:
+        ends.append(ends[-1] + n)
+    return [range(ends[b] // block + b, ends[b + 1] // block + b + 1) for b in range(len(lengths))]
+
+
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_packed_varlen_grid_slots(block):
+    """Problem.grid's varlen size, total // BLOCK + batch per head, leaves each sequence enough
+    slots: the ranges tile the grid in order, each holds cdiv(len, BLOCK) blocks and at most
+    one spare, whatever the lengths (0, 1, multiples of BLOCK, one far longer than the rest)."""
+    rng = torch.Generator().manual_seed(block)
+    for _ in range(500):
+        batch = int(torch.randint(1, 12, (1,), generator=rng))
+        pool = torch.tensor([0, 1, block - 1, block, block + 1, 2 * block, 10 * block + 3])
+        lengths = torch.where(torch.rand(batch, generator=rng) < 0.5, pool[torch.randint(0, len(pool), (batch,),
+                                                                                        generator=rng)],
+                              torch.randint(0, 3 * block, (batch,), generator=rng)).tolist()
+        slots = packed_slots(lengths, block)
+        assert slots[0].start == 0 and slots[-1].stop == sum(lengths) // block + batch
+        for before, after in zip(slots, slots[1:]):
+            assert before.stop == after.start
+        for n, owned in zip(lengths, slots):
+            assert -(-n // block) <= len(owned) <= -(-n // block) + 1, (lengths, n, owned)
+
+
+@triton.jit
+def _packed_decode_kernel(CU_SEQLENS, OUT, n_heads, total_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    batch, head, first_row, row0, length = program_rows(CU_SEQLENS, n_heads, total_rows, BLOCK, LONGEST_FIRST, True)
+    decoded = tl.where(tl.arange(0, 8) == 0, batch, tl.where(tl.arange(0, 8) == 1, head, tl.where(
+        tl.arange(0, 8) == 2, first_row, tl.where(tl.arange(0, 8) == 3, row0, length))))
+    tl.store(OUT + tl.program_id(0) * 5 + tl.arange(0, 8), decoded, mask=tl.arange(0, 8) < 5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("longest_first", [False, True])
+@pytest.mark.parametrize("spare_rows", [0, 40])
+def test_packed_varlen_grid_decode(longest_first, spare_rows):
+    """The kernels' decode of the packed grid (program_rows with VARLEN) gives every block of
+    every (sequence, head) to exactly one program, with its sequence's first row and length;
+    the others (spare slots, and rows of the tensor past cu_seqlens[-1]) start past their
+    sequence's end. LONGEST_FIRST gives a sequence's blocks last first."""
+    block, heads = 16, 2
+    lengths = [0, 1, 16, 17, 0, 160, 15, 33]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    total = sum(lengths) + spare_rows
+    programs = (total // block + len(lengths)) * heads
+    out = torch.full((programs, 5), -7, dtype=torch.int32)
+    _packed_decode_kernel[(programs,)](cu, out, heads, total, block, longest_first)
+    blocks = collections.defaultdict(list)
+    for batch, head, first_row, row0, length in out.tolist():
+        assert (row0, length) == (cu[batch], lengths[batch])
+        if first_row < length:
+            assert first_row >= 0 and first_row % block == 0
+            blocks[batch, head].append(first_row)
+    for batch, n in enumerate(lengths):
+        for head in range(heads):
+            order = list(range(0, n, block))
+            assert blocks[batch, head] == (order[::-1] if longest_first else order)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("impl", TRITON_IMPLEMENTATIONS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_empty_and_uneven_sequences(device, impl, causal):
+    """Empty sequences (on either side), one-token ones and one 10x longer than the rest in
+    one packed batch: every sequence's blocks find their programs in the packed grid."""
+    seqlens = [(0, 0), (1, 1), (5, 7), (0, 3), (4, 0), (70, 70), (7, 5), (16, 16)]
+    seqlens_q, seqlens_k = zip(*seqlens)
+    q, k, v, cu_q, cu_k = make_varlen_qkv(seqlens_q, seqlens_k, 4, 16, F16, device=device, seed=11, kv_heads=2)
+    compare_case(impl, q, k, v, random_like(q, seed=12), varlen(None, (4, 2), seqlens, 16, F16, causal=causal),
+                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
 def test_grid_coverage():

@@ -10,8 +10,9 @@ Conventions used by every kernel in this package
 - A program handles one (batch, head) pair and one block of rows. The grid is 1-D (CUDA
   allows 2^31 - 1 blocks on x but only 65535 on y and z); consecutive programs take
   consecutive row blocks of one head, so programs running together share K/V in L2. For
-  varlen the grid is sized by the longest sequence and programs past their sequence's end
-  return at once.
+  varlen the grid is packed: per head, total_rows // BLOCK + batch programs, as many as the
+  sequences' blocks plus at most one spare each, found without reading cu_seqlens on the
+  host (`packed_program_block`); a spare program returns at once.
 - Grouped-query attention: query head h reads K/V head h // group. Forward and dQ
   programs are per query head; dK/dV programs are per K/V head and loop over the group's
   query heads in a fixed order, so dK/dV are summed without atomics and without a copy.
@@ -230,7 +231,8 @@ class Problem:
 
     Dense: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), cu_seqlens None, n_q / n_k the lengths.
     Varlen: q (total_q, Hq, D), k and v (total_k, Hkv, D), n_q / n_k the longest sequence
-    (they size the grid), cu_seqlens_q / cu_seqlens_k int32 (B + 1,).
+    (the window and the autotune key use them), total_q / total_k the packed rows (they size
+    the grid), cu_seqlens_q / cu_seqlens_k int32 (B + 1,).
     window_left / window_right: -1 unbounded; causal already folded in as right = 0.
     """
     batch: int
@@ -245,6 +247,8 @@ class Problem:
     softcap: float
     cu_seqlens_q: object = None
     cu_seqlens_k: object = None
+    total_q: int = 0
+    total_k: int = 0
 
     @staticmethod
     def of(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
@@ -257,7 +261,7 @@ class Problem:
             kv_heads, n_q, n_k = k.shape[1], max_seqlen_q, max_seqlen_k
         window_left, window_right = binding_window(window_left, window_right, n_q, n_k)
         return Problem(batch, q_heads, kv_heads, n_q, n_k, head_dim, scale, window_left, window_right, softcap,
-                       cu_seqlens_q, cu_seqlens_k)
+                       cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
 
     @property
     def varlen(self) -> bool:
@@ -286,15 +290,27 @@ class Problem:
     def kernel_args(self):
         """The scalar arguments every attention kernel takes, by keyword. Shared: copy before editing."""
         qk_scale, softcap_log2 = self.scores_args()
-        return dict(group=self.group, n_q=self.n_q, n_k=self.n_k, scale=self.scale, qk_scale=qk_scale,
-                    softcap_log2=softcap_log2, window_left=max(self.window_left, 0),
+        return dict(group=self.group, n_q=self.kernel_rows("q"), n_k=self.kernel_rows("k"), scale=self.scale,
+                    qk_scale=qk_scale, softcap_log2=softcap_log2, window_left=max(self.window_left, 0),
                     window_right=max(self.window_right, 0), q_bucket=seq_bucket(self.n_q),
                     k_bucket=seq_bucket(self.n_k), VARLEN=self.varlen, WINDOW_LEFT=self.window_left >= 0,
                     WINDOW_RIGHT=self.window_right >= 0, SOFTCAP=self.softcap > 0, **head_dim_args(self.head_dim))
 
+    def kernel_rows(self, rows: str) -> int:
+        """The kernels' n_q or n_k argument: the length of every sequence when dense; the packed
+        tensor's rows when varlen, which `packed_program_block` decodes the grid with (each
+        program then reads its own sequence's length from cu_seqlens)."""
+        if self.varlen:
+            return self.total_q if rows == "q" else self.total_k
+        return self.n_q if rows == "q" else self.n_k
+
     def grid(self, rows: str, owned: str, heads: int):
-        """1-D grid over (batch, head, block of `rows`) for blocks of size meta[owned]."""
-        n = self.n_q if rows == "q" else self.n_k
+        """1-D grid of blocks of meta[owned] rows: dense, cdiv(N, BLOCK) per (batch, head)
+        (`program_block`); varlen, total // BLOCK + batch per head (`packed_program_block`),
+        which the host sizes without reading cu_seqlens."""
+        n = self.kernel_rows(rows)
+        if self.varlen:
+            return lambda meta: ((n // meta[owned] + self.batch) * heads,)
         return lambda meta: (_launch.cdiv(n, meta[owned]) * self.batch * heads,)
 
 
@@ -339,6 +355,46 @@ def program_block(n_heads, n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.conste
 
 
 @triton.jit
+def packed_program_block(CU_SEQLENS, n_heads, total_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """(batch, head, first row, sequence's first packed row, its length) of this program in the
+    packed varlen grid: per head, S = total_rows // BLOCK + n_seqs slots, heads slowest.
+
+    With c = cu_seqlens, sequence b owns the slots [c[b] // BLOCK + b, c[b+1] // BLOCK + b + 1).
+    These ranges tile [0, S) (consecutive, c[0] = 0, c[n_seqs] <= total_rows), and one holds
+    c[b+1] // BLOCK - c[b] // BLOCK + 1 slots: cdiv(len_b, BLOCK) blocks and at most one spare
+    (with L = c1 - c0, floor(c1 / B) - floor(c0 / B) is L / B when B divides L, else
+    floor(L / B) or floor(L / B) + 1; cdiv(L, B) is L / B, else floor(L / B) + 1). The host
+    knows total_rows (the packed tensor's rows) and n_seqs without a copy from the GPU; the
+    kernel reads n_seqs back from the grid's size, which `Problem.grid` makes S * n_heads, so
+    no argument is added. A program finds its b by a binary search for the last
+    sequence whose first slot is at or before its own (the first slots grow strictly with b),
+    log2(n_seqs) scalar loads. A spare slot, and the slots past c[n_seqs] when the tensor has
+    more rows, give a first row >= len_b: the caller returns.
+
+    LONGEST_FIRST reverses the blocks within each sequence, as `program_block` does."""
+    slots = tl.num_programs(0) // n_heads
+    n_seqs = slots - total_rows // BLOCK
+    head = tl.program_id(0) // slots
+    slot = tl.program_id(0) % slots
+    # Invariant: first_slot(lo) <= slot < first_slot(hi + 1), with first_slot(0) = 0.
+    lo = slot * 0
+    hi = n_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        at_or_before = tl.load(CU_SEQLENS + mid) // BLOCK + mid <= slot
+        lo = tl.where(at_or_before, mid, lo)
+        hi = tl.where(at_or_before, hi, mid - 1)
+    first = tl.load(CU_SEQLENS + lo)
+    end = tl.load(CU_SEQLENS + lo + 1)
+    block = slot - (first // BLOCK + lo)
+    if LONGEST_FIRST:
+        # The sequence's slots are blocks 0..last; the slots past c[n_seqs] stay past its end.
+        last = end // BLOCK - first // BLOCK
+        block = tl.where(block <= last, last - block, block)
+    return lo, head, block * BLOCK, first, end - first
+
+
+@triton.jit
 def sequence(CU_SEQLENS, batch, n_rows, VARLEN: tl.constexpr):
     """(first row, length) of sequence `batch`: row 0 and n_rows for dense tensors, and
     cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b] for packed ones."""
@@ -348,6 +404,21 @@ def sequence(CU_SEQLENS, batch, n_rows, VARLEN: tl.constexpr):
     else:
         first = 0
     return first, n_rows
+
+
+@triton.jit
+def program_rows(CU_SEQLENS, n_heads, n_rows, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+                 VARLEN: tl.constexpr):
+    """(batch, head, first row, sequence's first row, sequence's length) of this program's block
+    of the rows n_rows counts: `program_block` and `sequence` on dense tensors (n_rows the
+    length), `packed_program_block` on packed ones (n_rows the packed total)."""
+    if VARLEN:
+        batch, head, first_row, row0, length = packed_program_block(CU_SEQLENS, n_heads, n_rows, BLOCK,
+                                                                    LONGEST_FIRST)
+    else:
+        batch, head, first_row = program_block(n_heads, n_rows, BLOCK, LONGEST_FIRST)
+        row0, length = sequence(CU_SEQLENS, batch, n_rows, VARLEN)
+    return batch, head, first_row, row0, length
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (Problem, autotuned, d_contiguous, head_start, is_visible, key_blocks, load_tile,
-                      program_block, query_blocks, row_strides, sequence, settle_cache_keys, softcap_chain,
+                      program_rows, query_blocks, row_strides, sequence, settle_cache_keys, softcap_chain,
                       stat_strides, store_tile, tanh, tile_pointers)
 
 
@@ -105,8 +105,7 @@ def _v1_forward_kernel(Q, K, V, O, ROW_MAX, ROW_SUM, CU_SEQLENS_Q, CU_SEQLENS_K,
                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr,
                        WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    batch, head, q_first = program_block(q_heads, n_q, BLOCK_M, WINDOW_RIGHT)
-    q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    batch, head, q_first, q_row0, n_q = program_rows(CU_SEQLENS_Q, q_heads, n_q, BLOCK_M, WINDOW_RIGHT, VARLEN)
     k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
     if q_first >= n_q:
         return
@@ -213,9 +212,8 @@ def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS
                         WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                         GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """stride_o*: O, dO and dQ (contiguous like q); stride_g*: dK and dV (contiguous like k)."""
-    batch, kv_head, k_first = program_block(kv_heads, n_k, BLOCK_N, False)
+    batch, kv_head, k_first, k_row0, n_k = program_rows(CU_SEQLENS_K, kv_heads, n_k, BLOCK_N, False, VARLEN)
     q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
-    k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
     if k_first >= n_k:
         return
     local_keys = tl.arange(0, BLOCK_N)

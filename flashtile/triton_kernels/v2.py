@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, block_read_at, d_contiguous,
-                      head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds, program_block,
+                      head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds, program_rows,
                       query_blocks, row_strides, rows_to_next_block, scores_in_log2, sequence, settle_cache_keys,
                       softcap_chain, stat_strides, store_tile, tile_pointers)
 
@@ -93,10 +93,9 @@ def _v2_forward_kernel(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr,
                        WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    batch, head, q_first = program_block(q_heads, n_q, BLOCK_M, WINDOW_RIGHT)
-    q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    batch, head, q_first, q_row0, n_q = program_rows(CU_SEQLENS_Q, q_heads, n_q, BLOCK_M, WINDOW_RIGHT, VARLEN)
     k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
-    if q_first >= n_q:  # a varlen program past its sequence's end
+    if q_first >= n_q:  # a spare program of the packed varlen grid
         return
     kv_head = head // group
     local_queries = tl.arange(0, BLOCK_M)
@@ -150,8 +149,7 @@ def _v2_delta_kernel(O, DO, DELTA, CU_SEQLENS_Q,
                      q_heads, n_q, head_dim,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """D_i = rowsum(dO_i * O_i) (Algorithm 2, line 4): dS = P * (dP - D). dO shares O's strides."""
-    batch, head, q_first = program_block(q_heads, n_q, BLOCK_M, False)
-    q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    batch, head, q_first, q_row0, n_q = program_rows(CU_SEQLENS_Q, q_heads, n_q, BLOCK_M, False, VARLEN)
     if q_first >= n_q:
         return
     local_queries = tl.arange(0, BLOCK_M)
@@ -290,9 +288,8 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     Strides: stride_o* are dO's (and the float32 dQ buffer's: both are contiguous like q),
     stride_g* are dK's and dV's (contiguous like k). The group's query heads are visited in
     order, so dK and dV are summed over the group deterministically (GQA)."""
-    batch, kv_head, k_first = program_block(kv_heads, n_k, BLOCK_N, False)
+    batch, kv_head, k_first, k_row0, n_k = program_rows(CU_SEQLENS_K, kv_heads, n_k, BLOCK_N, False, VARLEN)
     q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
-    k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
     if k_first >= n_k:
         return
     local_keys = tl.arange(0, BLOCK_N)
@@ -397,8 +394,7 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block. stride_o* are dO's and dQ's (both contiguous like q)."""
-    batch, head, q_first = program_block(q_heads, n_q, BLOCK_M, WINDOW_RIGHT)
-    q_row0, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    batch, head, q_first, q_row0, n_q = program_rows(CU_SEQLENS_Q, q_heads, n_q, BLOCK_M, WINDOW_RIGHT, VARLEN)
     k_row0, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
     if q_first >= n_q:
         return
@@ -454,7 +450,7 @@ def v2_delta(out, d_out, problem: Problem):
     delta = torch.empty(problem.stat_shape(out), device=out.device, dtype=torch.float32)
     grid = problem.grid("q", "BLOCK_M", problem.q_heads)  # blocks of BLOCK_M = ROWWISE_BLOCK rows
     _v2_delta_kernel[grid](out, d_out, delta, problem.sequences(out)[0], *row_strides(out), *stat_strides(delta),
-                           problem.q_heads, problem.n_q, VARLEN=problem.varlen, BLOCK_M=ROWWISE_BLOCK,
+                           problem.q_heads, problem.kernel_rows("q"), VARLEN=problem.varlen, BLOCK_M=ROWWISE_BLOCK,
                            num_warps=ROWWISE_WARPS, **head_dim_args(problem.head_dim))
     return delta
 
