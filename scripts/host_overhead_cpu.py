@@ -51,7 +51,7 @@ def stub_kernels():
         stub.do_bench = lambda kernel_call, quantiles: (kernel_call(), [1.0, 1.0, 1.0])[1]
         setattr(v2, name, stub)
     # The row pass is a plain JIT function: a stub with its launch syntax.
-    v2._v2_delta_kernel = type("Launch", (), {"__getitem__": lambda self, grid: lambda *a, **k: None})()
+    v2._v2_row_stats_kernel = type("Launch", (), {"__getitem__": lambda self, grid: lambda *a, **k: None})()
 
 
 def microseconds_per_call(fn):

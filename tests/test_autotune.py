@@ -130,3 +130,14 @@ def test_autotuner_remembers_the_autotuners_choice(monkeypatch):
     with pytest.raises(TypeError, match="positionally"):
         kernel[(1,)](torch.zeros(2, dtype=torch.float16), 50, DQ=torch.zeros(2), q_bucket=256,
                      **dict(zip(AUTOTUNE_KEY[1:], (64, 64, True, False, False, True, False))))
+
+
+@pytest.mark.parametrize("capability", [0, 75, 80, 86, 90])
+def test_backward_query_blocks_divide_the_padded_row_statistics(capability):
+    """The backward kernels read L and D without a mask, from rows padded to a multiple of
+    STAT_BLOCK (Problem.padded_stats_shape): every query block they can be launched with, in
+    the dQ kernel (the owned block) and the dK/dV kernel (the looped one), must divide it."""
+    stat_block = _common.STAT_BLOCK.value
+    for block_d in (16, 32, 64, 128, 256):
+        for owned, looped, _, _ in _common.config_tuples("backward", capability, block_d):
+            assert stat_block % owned == 0 and stat_block % looped == 0, (capability, block_d, owned, looped)

@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
 
 from ._compat import TRITON_VERSION, TURING_TRITON_PIP, ast_source, turing_tensor_cores
-from ._common import ROWWISE_BLOCK, ROWWISE_WARPS, SHARED_MEMORY_LIMIT, config_tuples, interpreting
+from ._common import ROWWISE_WARPS, SHARED_MEMORY_LIMIT, STAT_BLOCK, config_tuples, interpreting
 from . import v1, v2
 
 # kernel name -> (autotuned or plain kernel, config kind, owned block, looped block, fixed constexprs)
@@ -43,13 +43,13 @@ KERNELS = {
     "v1_forward": (v1._v1_forward_kernel, "forward", "BLOCK_M", "BLOCK_N", {}),
     "v1_backward": (v1._v1_backward_kernel, "backward", "BLOCK_N", "BLOCK_M", {}),
     "v2_forward": (v2._v2_forward_kernel, "forward", "BLOCK_M", "BLOCK_N", {}),
-    "v2_delta": (v2._v2_delta_kernel, "rowwise", "BLOCK_M", None, {}),
+    "v2_row_stats": (v2._v2_row_stats_kernel, "rowwise", "BLOCK_M", None, {}),
     "v2_dkdv": (v2._v2_dkdv_kernel, "backward", "BLOCK_N", "BLOCK_M", {"ATOMIC_DQ": False}),
     "v2_dq": (v2._v2_dq_kernel, "backward", "BLOCK_M", "BLOCK_N", {}),
     # v2_atomic's backward: v2's dK/dV kernel adding dQ atomically.
     "v2_atomic_dkdv": (v2._v2_dkdv_kernel, "backward", "BLOCK_N", "BLOCK_M", {"ATOMIC_DQ": True}),
 }
-FLOAT32_POINTERS = {"LSE", "DELTA", "ROW_MAX", "ROW_SUM"}
+FLOAT32_POINTERS = {"LSE", "L2", "DELTA", "ROW_MAX", "ROW_SUM"}
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
 FLOAT_SCALARS = {"scale", "qk_scale", "softcap_log2", "softcap"}
 FLAG_NAMES = ("VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "GROUPED")
@@ -94,7 +94,7 @@ def shipped_variants(targets=TARGETS, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
         if kind == "rowwise":
             if any(flags[1:]):  # the row pass has only the VARLEN flag
                 continue
-            configs = [(ROWWISE_BLOCK, 0, ROWWISE_WARPS, 1)]
+            configs = [(STAT_BLOCK.value, 0, ROWWISE_WARPS, 1)]
         else:
             configs = config_tuples(kind, capability, block_d)
         for config in configs:

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN_2, LOG2_E, ROWWISE_BLOCK, ROWWISE_WARPS, Problem, autotuned, block_read_at, d_contiguous,
-                      head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds, program_rows,
-                      query_blocks, row_strides, rows_to_next_block, scores_in_log2, sequence, settle_cache_keys,
+from ._common import (LN_2, LOG2_E, ROWWISE_WARPS, STAT_BLOCK, Problem, autotuned, block_read_at, d_contiguous,
+                      head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds,
+                      padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block, scores_in_log2, sequence, settle_cache_keys,
                       softcap_chain, stat_strides, store_tile, tile_pointers)
 
 
@@ -144,11 +144,16 @@ def _v2_forward_kernel(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _v2_delta_kernel(O, DO, DELTA, CU_SEQLENS_Q,
-                     stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
-                     q_heads, n_q, head_dim,
-                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """D_i = rowsum(dO_i * O_i) (Algorithm 2, line 4): dS = P * (dP - D). dO shares O's strides."""
+def _v2_row_stats_kernel(O, DO, LSE, L2, DELTA, CU_SEQLENS_Q,
+                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, stride_sb, stride_sh,
+                         q_heads, n_q, head_dim,
+                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The row statistics the backward kernels read, for a block of BLOCK_M = STAT_BLOCK rows:
+    D_i = rowsum(dO_i * O_i) (Algorithm 2, line 4: dS = P * (dP - D)) and L_i in log2 units,
+    into the padded buffers L2 and DELTA (`Problem.padded_stats_shape`), every row of the
+    block written. Rows past the sequence end and rows that saw no key (L = -inf) get
+    L = +inf and D = 0, so that P = exp2(S - L) is exactly 0 there and they add nothing to
+    any gradient. dO shares O's strides; LSE is the forward's (natural log, unpadded)."""
     batch, head, q_first, q_row0, n_q = program_rows(CU_SEQLENS_Q, q_heads, n_q, BLOCK_M, False, VARLEN)
     if q_first >= n_q:
         return
@@ -162,21 +167,12 @@ def _v2_delta_kernel(O, DO, DELTA, CU_SEQLENS_Q,
     do = load_tile(tile_pointers(do_start, q_first, local_queries, dims, stride_on), queries, n_q, dims,
                    head_dim, EVEN_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1) + queries, delta,
-             mask=queries < n_q)
-
-
-@triton.jit
-def load_row_stats(lse_start, delta_start, queries, n_q):
-    """L (log2 units) and D for a block of queries, made safe for P = exp2(S - L).
-
-    Queries past the sequence end and rows that saw no key (L = -inf) get L = +inf, so
-    their P is exactly 0 and they add nothing to any gradient."""
-    in_sequence = queries < n_q
-    lse = tl.load(lse_start + queries, mask=in_sequence, other=float("inf"))
+    lse = tl.load(head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1) + queries, mask=queries < n_q,
+                  other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2_E
-    delta = tl.load(delta_start + queries, mask=in_sequence, other=0.0)
-    return lse, delta
+    stats_row0 = padded_stats_row0(q_row0, batch, VARLEN)
+    tl.store(head_start(L2, batch, head, stats_row0, stride_sb, stride_sh, 1) + queries, lse)
+    tl.store(head_start(DELTA, batch, head, stats_row0, stride_sb, stride_sh, 1) + queries, delta)
 
 
 @triton.jit
@@ -197,7 +193,8 @@ def _dkdv_query_block(dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, d
     dims = tl.arange(0, BLOCK_D)
     q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
     do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
-    lse, delta = load_row_stats(lse_start, delta_start, queries, n_q)
+    lse = tl.load(lse_start + queries)  # padded: no mask (`_v2_row_stats_kernel`)
+    delta = tl.load(delta_start + queries)
     # Line 10: S^T = K Q^T, in log2 units.
     scores_t, capped_t = scores_in_log2(tl.dot(k, tl.trans(q)), qk_scale, softcap_log2, SOFTCAP)
     if MASKED:
@@ -310,8 +307,9 @@ def _v2_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLEN
     q_start = head_start(Q, batch, head, q_row0, stride_qb, stride_qh, stride_qn)
     do_start = head_start(DO, batch, head, q_row0, stride_ob, stride_oh, stride_on)
     dq_start = head_start(DQ, batch, head, q_row0, stride_ob, stride_oh, stride_on)
-    lse_start = head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1)
-    delta_start = head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1)
+    stats_row0 = padded_stats_row0(q_row0, batch, VARLEN)
+    lse_start = head_start(LSE, batch, head, stats_row0, stride_lb, stride_lh, 1)
+    delta_start = head_start(DELTA, batch, head, stats_row0, stride_lb, stride_lh, 1)
     # In two loops: the masked query blocks, i.e. the diagonal [start, first_full) (a right
     # edge) and the window's left edge [end_full, hi) in one loop, and the unmasked ones
     # [first_full, end_full). A fixed order: dK and dV are the same sums, bit for bit, on
@@ -406,8 +404,9 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     do_start = head_start(DO, batch, head, q_row0, stride_ob, stride_oh, stride_on)
     q = load_tile(tile_pointers(q_start, q_first, local_queries, dims, stride_qn), queries, n_q, dims, head_dim, EVEN_D, True)
     do = load_tile(tile_pointers(do_start, q_first, local_queries, dims, stride_on), queries, n_q, dims, head_dim, EVEN_D, True)
-    lse, delta = load_row_stats(head_start(LSE, batch, head, q_row0, stride_lb, stride_lh, 1),
-                                head_start(DELTA, batch, head, q_row0, stride_lb, stride_lh, 1), queries, n_q)
+    stats_row0 = padded_stats_row0(q_row0, batch, VARLEN)
+    lse = tl.load(head_start(LSE, batch, head, stats_row0, stride_lb, stride_lh, 1) + queries)  # padded: no mask
+    delta = tl.load(head_start(DELTA, batch, head, stats_row0, stride_lb, stride_lh, 1) + queries)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_start = head_start(K, batch, kv_head, k_row0, stride_kb, stride_kh, stride_kn)
     v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
@@ -445,39 +444,42 @@ def v2_forward(q, k, v, problem: Problem):
     return out, lse
 
 
-def v2_delta(out, d_out, problem: Problem):
-    """D = rowsum(dO * O) in float32, laid out like lse. out and d_out are contiguous."""
-    delta = torch.empty(problem.stat_shape(out), device=out.device, dtype=torch.float32)
-    grid = problem.grid("q", "BLOCK_M", problem.q_heads)  # blocks of BLOCK_M = ROWWISE_BLOCK rows
-    _v2_delta_kernel[grid](out, d_out, delta, problem.sequences(out)[0], *row_strides(out), *stat_strides(delta),
-                           problem.q_heads, problem.kernel_rows("q"), VARLEN=problem.varlen, BLOCK_M=ROWWISE_BLOCK,
-                           num_warps=ROWWISE_WARPS, **head_dim_args(problem.head_dim))
-    return delta
+def v2_row_stats(out, d_out, lse, problem: Problem):
+    """(L in log2 units, D) for the backward kernels: float32, padded (`_v2_row_stats_kernel`).
+    out and d_out share their strides."""
+    stats = torch.empty((2,) + problem.padded_stats_shape(), device=out.device, dtype=torch.float32)
+    lse2, delta = stats[0], stats[1]  # one allocation; the two planes share their strides
+    grid = problem.grid("q", "BLOCK_M", problem.q_heads)  # blocks of BLOCK_M = STAT_BLOCK rows
+    _v2_row_stats_kernel[grid](out, d_out, lse, lse2, delta, problem.sequences(out)[0], *row_strides(out),
+                               *stat_strides(lse), *stat_strides(lse2), problem.q_heads, problem.kernel_rows("q"),
+                               VARLEN=problem.varlen, BLOCK_M=STAT_BLOCK.value, num_warps=ROWWISE_WARPS,
+                               **head_dim_args(problem.head_dim))
+    return lse2, delta
 
 
-def dkdv(q, k, v, d_out, lse, delta, problem: Problem, dq_accum=None):
-    """dK, dV (contiguous, k's shape) from the key-major kernel; with a float32 dq_accum
-    (contiguous, q's shape, zeroed) the kernel also adds dQ into it atomically."""
+def dkdv(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum=None):
+    """dK, dV (contiguous, k's shape) from the key-major kernel, given `v2_row_stats`; with a
+    float32 dq_accum (contiguous, q's shape, zeroed) the kernel also adds dQ into it atomically."""
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     atomic = dq_accum is not None
     _v2_dkdv_kernel[problem.grid("k", "BLOCK_N", problem.kv_heads)](
-        q, k, v, d_out, lse, delta, dk, dv, dq_accum if atomic else dk, *problem.sequences(q),
+        q, k, v, d_out, lse2, delta, dk, dv, dq_accum if atomic else dk, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *row_strides(dk),
-        *stat_strides(lse), kv_heads=problem.kv_heads, GROUPED=problem.group > 1, ATOMIC_DQ=atomic,
+        *stat_strides(lse2), kv_heads=problem.kv_heads, GROUPED=problem.group > 1, ATOMIC_DQ=atomic,
         **problem.kernel_args)
     return dk, dv
 
 
 def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
-    """dQ, dK, dV: the D pass, then dK/dV over key blocks, then dQ over query blocks."""
+    """dQ, dK, dV: the row statistics' pass (D), then dK/dV over key blocks, then dQ over query blocks."""
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
-    delta = v2_delta(out, d_out, problem)
-    dk, dv = dkdv(q, k, v, d_out, lse, delta, problem)
+    lse2, delta = v2_row_stats(out, d_out, lse, problem)
+    dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
-        q, k, v, d_out, lse, delta, dq, *problem.sequences(q),
-        *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *stat_strides(lse),
+        q, k, v, d_out, lse2, delta, dq, *problem.sequences(q),
+        *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *stat_strides(lse2),
         q_heads=problem.q_heads, **problem.kernel_args)
     return dq, dk, dv
 

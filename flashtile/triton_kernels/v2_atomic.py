@@ -18,14 +18,14 @@ import torch
 
 from ._common import Problem, d_contiguous
 from . import v2
-from .v2 import FlashAttentionV2Function, dkdv, v2_delta
+from .v2 import FlashAttentionV2Function, dkdv, v2_row_stats
 
 
 def v2_atomic_backward(d_out, q, k, v, out, lse, problem: Problem):
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
-    delta = v2_delta(out, d_out, problem)
+    lse2, delta = v2_row_stats(out, d_out, lse, problem)
     dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk, dv = dkdv(q, k, v, d_out, lse, delta, problem, dq_accum=dq_accum)
+    dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem, dq_accum=dq_accum)
     return dq_accum.to(q.dtype), dk, dv
 
 
