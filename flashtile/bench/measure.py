@@ -55,6 +55,15 @@ def wall_ms(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
+def gradient_like(out, d_out):
+    """d_out's values in out's memory layout: the gradient an upstream op hands back usually
+    has the layout of what it was given (a packed (total, H, D) output gets a packed gradient),
+    and a contender must not be timed copying a gradient that came in another layout."""
+    if out.stride() == d_out.stride():
+        return d_out
+    return torch.empty_strided(out.shape, out.stride(), dtype=d_out.dtype, device=d_out.device).copy_(d_out)
+
+
 def failure(error) -> str:
     """What a table shows for a point that could not run: OOM, or the error's first line."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
@@ -91,7 +100,8 @@ def tflops(flops, ms):
 
 def measure_speed(fn, inputs, d_out, device, flops, cpu_reps=3):
     """Forward and forward+backward of fn(*inputs) -> out: latency (ms), TFLOP/s, and the first
-    call's cost (forward+backward, compilation and autotuning included).
+    call's cost (forward+backward, compilation and autotuning included). The backward is
+    given d_out's values in the layout of fn's output (`gradient_like`).
 
     Returns the measured keys: first_call_ms, fwd_ms, fwd_tflops, fwd_bwd_ms, fwd_bwd_tflops;
     a part that failed gives fwd_error / fwd_bwd_error instead (e.g. a backend with no backward
@@ -99,6 +109,7 @@ def measure_speed(fn, inputs, d_out, device, flops, cpu_reps=3):
     row = {}
     try:
         row["first_call_ms"] = wall_ms(lambda: fn(*inputs).backward(d_out), device)
+        d_out = gradient_like(fn(*inputs), d_out)
     except Exception as error:  # noqa: BLE001 - any failure of the measured code is a result
         row["fwd_bwd_error"] = failure(error)
     for t in inputs:
