@@ -249,7 +249,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     as in FlashAttention-2. The last value must be q's (k's) number of tokens: a ValueError
     says so whenever the values are read anyway (CPU tensors, or max_seqlen_* None); CUDA
     cu_seqlens with both max_seqlen_* given are not read back, so that no sync happens.
-    max_seqlen_q / max_seqlen_k: the longest sequence lengths, which size the grid. None
+    max_seqlen_q / max_seqlen_k: the longest sequence lengths. The Triton kernels take them
+    for their autotune key and to drop window sides that bound no query, and size their grid
+    from the packed totals instead; the CUDA reference sizes its grid with them. None
     computes them from cu_seqlens_*, at the cost of one device-to-host copy (a sync).
     Other arguments as `attention`. return_lse: lse has shape (Hq, total_q).
     """
