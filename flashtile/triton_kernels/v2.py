@@ -29,8 +29,9 @@ import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_WARPS, STAT_BLOCK, Problem, autotuned, block_read_at, d_contiguous,
                       head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds,
-                      padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block, scores_in_log2, sequence, settle_cache_keys,
-                      softcap_chain, stat_strides, store_tile, tile_pointers)
+                      padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block,
+                      scores_in_log2, sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile,
+                      tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +177,14 @@ def _v2_row_stats_kernel(O, DO, LSE, L2, DELTA, CU_SEQLENS_Q,
 
 
 @triton.jit
+def load_row_stats(lse_start, delta_start, queries):
+    """L (log2 units) and D of a block of queries, from the padded row statistics that
+    `_v2_row_stats_kernel` wrote: no mask, every block a backward kernel reads lies inside
+    them, with L = +inf and D = 0 past the sequence's end."""
+    return tl.load(lse_start + queries), tl.load(delta_start + queries)
+
+
+@triton.jit
 def _dkdv_query_block(dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, delta_start, q_first,
                       n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, head_dim,
                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -193,8 +202,7 @@ def _dkdv_query_block(dk, dv, k, v, keys, q_ptrs, do_ptrs, dq_ptrs, lse_start, d
     dims = tl.arange(0, BLOCK_D)
     q = load_tile(q_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
     do = load_tile(do_ptrs, queries, n_q, dims, head_dim, EVEN_D, True)
-    lse = tl.load(lse_start + queries)  # padded: no mask (`_v2_row_stats_kernel`)
-    delta = tl.load(delta_start + queries)
+    lse, delta = load_row_stats(lse_start, delta_start, queries)
     # Line 10: S^T = K Q^T, in log2 units.
     scores_t, capped_t = scores_in_log2(tl.dot(k, tl.trans(q)), qk_scale, softcap_log2, SOFTCAP)
     if MASKED:
@@ -405,8 +413,8 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
     q = load_tile(tile_pointers(q_start, q_first, local_queries, dims, stride_qn), queries, n_q, dims, head_dim, EVEN_D, True)
     do = load_tile(tile_pointers(do_start, q_first, local_queries, dims, stride_on), queries, n_q, dims, head_dim, EVEN_D, True)
     stats_row0 = padded_stats_row0(q_row0, batch, VARLEN)
-    lse = tl.load(head_start(LSE, batch, head, stats_row0, stride_lb, stride_lh, 1) + queries)  # padded: no mask
-    delta = tl.load(head_start(DELTA, batch, head, stats_row0, stride_lb, stride_lh, 1) + queries)
+    lse, delta = load_row_stats(head_start(LSE, batch, head, stats_row0, stride_lb, stride_lh, 1),
+                                head_start(DELTA, batch, head, stats_row0, stride_lb, stride_lh, 1), queries)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_start = head_start(K, batch, kv_head, k_row0, stride_kb, stride_kh, stride_kn)
     v_start = head_start(V, batch, kv_head, k_row0, stride_vb, stride_vh, stride_vn)
