@@ -141,3 +141,26 @@ def test_backward_query_blocks_divide_the_padded_row_statistics(capability):
     for block_d in (16, 32, 64, 128, 256):
         for owned, looped, _, _ in _common.config_tuples("backward", capability, block_d):
             assert stat_block % owned == 0 and stat_block % looped == 0, (capability, block_d, owned, looped)
+
+
+def _problem(n_q, n_k, window_left, window_right):
+    q = torch.empty(1, 2, n_q, 64)
+    k = torch.empty(1, 2, n_k, 64)
+    return _common.Problem.of(q, k, None, None, None, None, 0.125, window_left, window_right, 0.0)
+
+
+@pytest.mark.parametrize("n_q, n_k, window, k_bucket", [
+    (16384, 16384, (-1, -1), 16384),  # no window: the keys' length
+    (16384, 16384, (-1, 0), 16384),  # causal: a query may see every key
+    (16384, 16384, (255, 0), 256),  # a causal window of 256 keys
+    (16384, 16384, (4095, 0), 4096),
+    (16384, 16384, (300, 200), 512),  # 501 keys
+    (16384, 16384, (255, -1), 16384),  # a left side alone: the last query sees 256, the first all
+    (1000, 3000, (4095, 0), 4096),  # wider than the keys: binding_window drops the left side
+    (200, 100, (63, 63), 128),
+])
+def test_the_autotune_key_buckets_the_keys_a_query_sees(n_q, n_k, window, k_bucket):
+    """Windows of different widths at one length are tuned apart (Problem.keys_seen)."""
+    args = _problem(n_q, n_k, *window).kernel_args
+    assert args["k_bucket"] == k_bucket
+    assert args["q_bucket"] == _common.seq_bucket(n_q)

@@ -175,8 +175,8 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
 
     The candidate list is the union over head-dim buckets; the early prune keeps only the
     configs shipped for the launched bucket, so a first call times at most four configs.
-    Keys: the power-of-two buckets of Nq and Nk, the head-dim tile and the feature flags
-    (and, implicitly in Triton, the tensors' dtypes)."""
+    Keys: the power-of-two buckets of Nq and of the keys a query sees (`Problem.keys_seen`),
+    the head-dim tile and the feature flags (and, implicitly in Triton, the tensors' dtypes)."""
     capability = device_capability()
     union = []
     for block_d in (16, 32, 64, 128, 256):
@@ -310,8 +310,17 @@ class Problem:
         return dict(group=self.group, n_q=self.kernel_rows("q"), n_k=self.kernel_rows("k"), scale=self.scale,
                     qk_scale=qk_scale, softcap_log2=softcap_log2, window_left=max(self.window_left, 0),
                     window_right=max(self.window_right, 0), q_bucket=seq_bucket(self.n_q),
-                    k_bucket=seq_bucket(self.n_k), VARLEN=self.varlen, WINDOW_LEFT=self.window_left >= 0,
+                    k_bucket=seq_bucket(self.keys_seen()), VARLEN=self.varlen, WINDOW_LEFT=self.window_left >= 0,
                     WINDOW_RIGHT=self.window_right >= 0, SOFTCAP=self.softcap > 0, **head_dim_args(self.head_dim))
+
+    def keys_seen(self) -> int:
+        """The most keys one query sees: Nk, or the window's width when both sides are bounded
+        and it is narrower. The autotune key buckets this rather than Nk, so that a 256-key
+        window at N 16384 is tuned for itself and not given the configs of whichever width
+        ran first at that length (the H100 picks 64-row tiles below 2048 keys, 128 above)."""
+        if self.window_left >= 0 and self.window_right >= 0:
+            return min(self.n_k, self.window_left + self.window_right + 1)
+        return self.n_k
 
     def kernel_rows(self, rows: str) -> int:
         """The kernels' n_q or n_k argument: the length of every sequence when dense; the packed
