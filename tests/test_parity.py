@@ -635,6 +635,33 @@ def test_backward_is_bitwise_deterministic(impl):
 
 
 @pytest.mark.gpu
+def test_backward_on_a_callers_stream_and_in_a_cuda_graph():
+    """v2's backward runs its dQ kernel on a second stream beside dK/dV (fork_stream): forked
+    from and joined to whatever stream is current, a caller's own or a CUDA graph's capture
+    stream, it gives the default stream's results bit for bit."""
+    case = GPU_SPECIAL_CASES["determinism"]
+    q, k, v, d_out, features = make_inputs(case, "cuda", seed=32)
+    fn = flashtile_impl("v2")
+    run = lambda: run_attention(fn, q, k, v, case.causal, None, d_out, **features)  # noqa: E731
+    expected = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        on_stream = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for name in ("dq", "dk", "dv"):
+        captured[name].fill_(float("nan"))  # poisoned: only the replay writes them
+    graph.replay()
+    torch.cuda.synchronize()
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(on_stream[name], expected[name]), f"{name} differs on a caller's stream"
+        assert torch.equal(captured[name], expected[name]), f"{name} differs in a CUDA graph"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ATOMIC_DQ)
 def test_atomic_dq_leaves_dk_dv_deterministic(impl):
     """Only dQ is added with atomics: the forward, dK and dV repeat exactly."""
