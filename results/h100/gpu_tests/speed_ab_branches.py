@@ -19,6 +19,8 @@ SHAPES = {  # name: (B, H, N, D, causal, window[, Hkv])
     "win4k_16k": (1, 16, 16384, 128, True, (4095, 0)),
     "win512x2_4k": (4, 16, 4096, 128, False, (512, 512)),
     "causal16k": (1, 16, 16384, 128, True, (-1, -1)),
+    "full8k": (2, 16, 8192, 128, False, (-1, -1)),
+    "causal8k": (2, 16, 8192, 128, True, (-1, -1)),
     "causal4k": (4, 16, 4096, 128, True, (-1, -1)),
     "full4k": (4, 16, 4096, 128, False, (-1, -1)),
     "d256_1k": (16, 8, 1024, 256, False, (-1, -1)),
@@ -61,7 +63,8 @@ for name in points:
     k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(2))
     do = torch.randn_like(q)
     flops = 4 * b * h * visible(n, causal, window) * d
-    fns = {impl: (lambda impl=impl: flashtile.attention(q, k, v, causal=causal, window_size=window, impl=impl)) for impl in impls}
+    wkw = {} if window == (-1, -1) else dict(window_size=window)
+    fns = {impl: (lambda impl=impl: flashtile.attention(q, k, v, causal=causal, impl=impl, **wkw)) for impl in impls}
     if with_cudnn and window == (-1, -1):
         def f():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -77,3 +80,7 @@ for name in points:
         except Exception as e:
             row = dict(side=label, point=name, impl=impl, dtype=str(dtype)[6:], error=str(e).splitlines()[0][:200])
         print(json.dumps(row), flush=True)
+
+from flashtile.triton_kernels import v2 as _v2
+print(json.dumps(dict(side=label, configs={kn: {str(key[0]): str(c) for key, (c, _) in getattr(getattr(_v2, kn), 'remembered', {}).items()}
+                                           for kn in ("_v2_forward_kernel", "_v2_dkdv_kernel", "_v2_dq_kernel")})), flush=True)
