@@ -348,7 +348,7 @@ class Problem:
         """The most keys one query sees: Nk, or the window's width when both sides are bounded
         and it is narrower. The autotune key buckets this rather than Nk, so that a 256-key
         window at N 16384 is tuned for itself and not given the configs of whichever width
-        ran first at that length (the H100 picks 64-row tiles below 2048 keys, 128 above)."""
+        ran first at that length (the H100 kept 64-row tiles up to 1024 keys, 128 from 2048)."""
         if self.window_left >= 0 and self.window_right >= 0:
             return min(self.n_k, self.window_left + self.window_right + 1)
         return self.n_k
