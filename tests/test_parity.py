@@ -662,6 +662,26 @@ def test_backward_on_a_callers_stream_and_in_a_cuda_graph():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_tensors_on_a_gpu_other_than_the_current_one(impl):
+    """Inputs on cuda:1 while cuda:0 is current (a model moved with .to("cuda:1") and no
+    set_device): the call runs on the tensors' GPU and gives what it gives with cuda:1 current."""
+    case = GPU_SPECIAL_CASES["determinism"]
+    q, k, v, d_out, features = make_inputs(case, "cuda:1", seed=33)
+    with torch.cuda.device(1):
+        expected = run_attention(flashtile_impl(impl), q, k, v, case.causal, None, d_out, **features)
+    with torch.cuda.device(0):
+        got = run_attention(flashtile_impl(impl), q, k, v, case.causal, None, d_out, **features)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert got[name].device == q.device, name
+        if name in bitwise_repeatable(impl):
+            assert torch.equal(got[name], expected[name]), name
+        else:  # dQ added with atomics: equal up to the order of the additions
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ATOMIC_DQ)
 def test_atomic_dq_leaves_dk_dv_deterministic(impl):
     """Only dQ is added with atomics: the forward, dK and dV repeat exactly."""
