@@ -19,6 +19,7 @@ and row sum, the CUDA reference's float32 out; nothing for v2): each implementat
 `attention` below is what flashtile.interface calls: the operator under torch.compile, the
 implementation's autograd Function in eager mode (same kernels, less host overhead).
 """
+import contextlib
 import importlib
 from typing import List, Optional, Tuple
 
@@ -106,13 +107,10 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         out, lse, _ = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                         window_left, window_right, softcap, impl)
         return out, lse
-    function = REGISTRY[impl].load()
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        # Triton (and the CUDA reference) launch on the current device: run on the tensors' own,
-        # as PyTorch's operators do. The backward needs no guard: autograd runs it on a thread
-        # set to the gradients' device (and a compiled graph guards its device itself).
-        with torch.cuda.device(q.device):
-            return function.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                  window_left, window_right, softcap)
-    return function.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                          window_right, softcap)
+    # Triton (and the CUDA reference) launch on the current device: run on the tensors' own, as
+    # PyTorch's operators do. The backward needs no guard: autograd runs it on a thread set to
+    # the gradients' device (and a compiled graph guards its device itself).
+    other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if other_gpu else contextlib.nullcontext():
+        return REGISTRY[impl].load().apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                           window_left, window_right, softcap)

@@ -666,13 +666,17 @@ def test_backward_on_a_callers_stream_and_in_a_cuda_graph():
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_tensors_on_a_gpu_other_than_the_current_one(impl):
     """Inputs on cuda:1 while cuda:0 is current (a model moved with .to("cuda:1") and no
-    set_device): the call runs on the tensors' GPU and gives what it gives with cuda:1 current."""
+    set_device): every kernel runs on the tensors' GPU, and the results are those of the call
+    made with cuda:1 current."""
     case = GPU_SPECIAL_CASES["determinism"]
     q, k, v, d_out, features = make_inputs(case, "cuda:1", seed=33)
     with torch.cuda.device(1):
         expected = run_attention(flashtile_impl(impl), q, k, v, case.causal, None, d_out, **features)
-    with torch.cuda.device(0):
+    with torch.cuda.device(0), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = run_attention(flashtile_impl(impl), q, k, v, case.causal, None, d_out, **features)
+        torch.cuda.synchronize(1)
+    kernels = [(event.name, event.device_index) for event in prof.events() if event.device_type.name == "CUDA"]
+    assert kernels and all(index == 1 for _, index in kernels), kernels  # nothing launched on cuda:0
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert got[name].device == q.device, name
         if name in bitwise_repeatable(impl):
