@@ -120,13 +120,12 @@ def forward_peak_mib(fn, inputs, device):
     return peak_extra_mib(forward, device)
 
 
-def varlen_rows(sizes, impls, dtype, device, cpu_reps=3):
-    """A packed causal batch of sequences of different lengths, beside SDPA on the padded
-    batch and FlexAttention with a document mask on the packed one."""
-    lengths, heads, head_dim = sizes.varlen_lengths(), sizes.heads, sizes.head_dim
-    total, longest = sum(lengths), max(lengths)
-    flops = packed_flops(lengths, heads, head_dim, causal=True)
-    shape = f"{len(lengths)} sequences, lengths {lengths} (total {total}), H {heads}, D {head_dim}, causal"
+def varlen_contenders(sizes, impls, device):
+    """(name, note, fn, layout) for the packed causal batch of `sizes.varlen_lengths()`:
+    flashtile on the packed batch, SDPA on the padded one, FlexAttention with a document mask
+    on the packed one; fn(q, k, v) takes the layout's (1 or B, H, N, D) tensors (`varlen_inputs`)."""
+    lengths = sizes.varlen_lengths()
+    longest = max(lengths)
     cu_seqlens = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32,
                               device=device)
     document = torch.repeat_interleave(torch.arange(len(lengths), device=device),
@@ -154,18 +153,31 @@ def varlen_rows(sizes, impls, dtype, device, cpu_reps=3):
                    for name in ("sdpa_flash", "sdpa_cudnn") if name in impls]
     if "flex" in impls:
         contenders.append(("flex", "packed, document mask", flex_fn(mask_mod=document_mask), "packed"))
+    return contenders
+
+
+def varlen_inputs(sizes, layout, dtype, device):
+    """((q, k, v), d_out) for a `varlen_contenders` layout. Packed: the sequences one after
+    another in one (1, H, total, D) tensor, stored as (total, H, D) (the varlen layout).
+    Padded: (B, H, longest, D), right-padded."""
+    lengths = sizes.varlen_lengths()
+    if layout == "padded":
+        return random_inputs(len(lengths), sizes.heads, max(lengths), sizes.head_dim, dtype, device)
+    inputs, d_out = random_inputs(1, sizes.heads, sum(lengths), sizes.head_dim, dtype, device)
+    return tuple(t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in inputs), d_out
+
+
+def varlen_rows(sizes, impls, dtype, device, cpu_reps=3):
+    """A packed causal batch of sequences of different lengths, beside SDPA on the padded
+    batch and FlexAttention with a document mask on the packed one."""
+    lengths, heads, head_dim = sizes.varlen_lengths(), sizes.heads, sizes.head_dim
+    flops = packed_flops(lengths, heads, head_dim, causal=True)
+    shape = f"{len(lengths)} sequences, lengths {lengths} (total {sum(lengths)}), H {heads}, D {head_dim}, causal"
     rows = []
-    for name, note, fn, layout in contenders:
+    for name, note, fn, layout in varlen_contenders(sizes, impls, device):
         row = dict(workload="varlen", impl=name, note=note, shape=shape, dtype=str(dtype).replace("torch.", ""))
         try:
-            # Packed: the sequences one after another in one (1, H, total, D) tensor (passed to
-            # flashtile as its (total, H, D) view). Padded: (B, H, longest, D), right-padded.
-            if layout == "packed":
-                inputs, d_out = random_inputs(1, heads, total, head_dim, dtype, device)
-                inputs = tuple(t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-                               for t in inputs)  # stored as (total, H, D), the varlen layout
-            else:
-                inputs, d_out = random_inputs(len(lengths), heads, longest, head_dim, dtype, device)
+            inputs, d_out = varlen_inputs(sizes, layout, dtype, device)
             row.update(measure_speed(fn, inputs, d_out, device, flops, cpu_reps))
             if "fwd_ms" in row:
                 row["fwd_mib"] = forward_peak_mib(fn, inputs, device)
