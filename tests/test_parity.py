@@ -636,9 +636,8 @@ def test_backward_is_bitwise_deterministic(impl):
 
 @pytest.mark.gpu
 def test_backward_on_a_callers_stream_and_in_a_cuda_graph():
-    """v2's backward runs its dQ kernel on a second stream beside dK/dV (fork_stream): forked
-    from and joined to whatever stream is current, a caller's own or a CUDA graph's capture
-    stream, it gives the default stream's results bit for bit."""
+    """On a caller's own stream and captured into a CUDA graph (whose capture stream is not the
+    default one), v2's forward and backward give the default stream's results bit for bit."""
     case = GPU_SPECIAL_CASES["determinism"]
     q, k, v, d_out, features = make_inputs(case, "cuda", seed=32)
     fn = flashtile_impl("v2")

@@ -26,7 +26,6 @@ Conventions used by every kernel in this package
   both edges carries two copies of its loop body, not three.
 - Softcap (Gemma 2): scores c * tanh(scale * q.k / c), in log2 units like the rest.
 """
-import contextlib
 import dataclasses
 import functools
 import os
@@ -230,36 +229,6 @@ def binding_window(window_left: int, window_right: int, n_q: int, n_k: int):
     p - left <= 0 <= j for every key j, and right >= Nq - 1 gives p + right >= Nk - 1 >= j.
     For varlen, n_q and n_k are the longest sequence's, so this holds for every sequence."""
     return (-1 if window_left >= n_k - 1 else window_left, -1 if window_right >= n_q - 1 else window_right)
-
-
-_SIDE_STREAMS = {}  # device -> the second stream `fork_stream` hands out, one per device
-
-
-def fork_stream(device):
-    """A second CUDA stream on `device` that first waits for everything queued so far on the
-    current one, for work independent of what is queued next on it; None off CUDA (the
-    interpreter). Pair with `join_stream`. Fork and join are events, so they are captured
-    into a CUDA graph like the launches. Tensors read or written on the side need no
-    record_stream: the current stream waits for the side before it runs anything after the
-    join, and the allocator only hands their memory to that stream's later work."""
-    if device.type != "cuda":
-        return None
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    return side
-
-
-def on_stream(stream):
-    """The context that makes `stream` current (`fork_stream`'s; None: the current one)."""
-    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
-
-
-def join_stream(side, device):
-    """The current stream waits for the work queued on `side` (`fork_stream`)."""
-    if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,10 +28,9 @@ import triton
 import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_WARPS, STAT_BLOCK, Problem, autotuned, block_read_at, d_contiguous,
-                      fork_stream, head_dim_args, head_start, is_visible, join_stream, key_blocks, load_tile,
-                      masked_loop_bounds, on_stream, padded_stats_row0, program_rows, query_blocks, row_strides,
-                      rows_to_next_block, scores_in_log2, sequence, settle_cache_keys, softcap_chain, stat_strides,
-                      store_tile, tile_pointers)
+                      head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds,
+                      padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block, scores_in_log2,
+                      sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,20 +481,16 @@ def dkdv(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum=None):
 def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
     """dQ, dK, dV: the row statistics' pass (D), then dK/dV over key blocks and dQ over query blocks.
 
-    The dK/dV and dQ kernels read the same inputs and write apart, so on a GPU dQ runs on a
-    second stream, queued after dK/dV (the longer one): its programs take the SMs that
-    dK/dV's last wave leaves idle instead of waiting for that wave to end."""
+    One stream: dQ on a second stream beside dK/dV gained about 1% at large shapes and cost
+    0.1-0.35 ms of a 1 ms call at small ones (docs/results.md, "Paired rounds")."""
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
     lse2, delta = v2_row_stats(out, d_out, lse, problem)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    side = fork_stream(q.device)
     dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem)
-    with on_stream(side):
-        _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
-            q, k, v, d_out, lse2, delta, dq, *problem.sequences(q),
-            *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *stat_strides(lse2),
-            q_heads=problem.q_heads, **problem.kernel_args)
-    join_stream(side, q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
+        q, k, v, d_out, lse2, delta, dq, *problem.sequences(q),
+        *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *stat_strides(lse2),
+        q_heads=problem.q_heads, **problem.kernel_args)
     return dq, dk, dv
 
 

@@ -6,7 +6,10 @@ a summary per point: the median and range of the per-round ratios and the rounds
 
 Usage: python3 paired_feature_rounds.py REPO_DIR [ROUNDS] [POINTS]
 POINTS, comma-separated: window4096 (issue 11's point), window2048, window8192,
-window4096_bf16, gqa, softcap, varlen (the benchmark's features at N 16384, D 128)."""
+window4096_bf16, gqa, softcap, varlen (the benchmark's features at N 16384, D 128), or
+KIND:N[:W] at another length, 16384 tokens a batch (B = 16384 / N), fp16, D 128:
+window:N:W (causal window of W keys, H 16), gqa:N (Hq 32, Hkv 4, causal), softcap:N (H 16,
+causal, softcap 50), varlen:N (the benchmark's packed batch of N tokens, H 16)."""
 import json
 import statistics
 import sys
@@ -15,7 +18,7 @@ sys.path.insert(0, sys.argv[1])
 import torch  # noqa: E402
 
 from flashtile.bench.cli import GRIDS  # noqa: E402
-from flashtile.bench.features import varlen_contenders, varlen_inputs  # noqa: E402
+from flashtile.bench.features import FeatureSizes, varlen_contenders, varlen_inputs  # noqa: E402
 from flashtile.bench.impls import attention_fn  # noqa: E402
 from flashtile.bench.measure import (gradient_like, packed_flops, random_inputs, time_ms,  # noqa: E402
                                      workload_flops)
@@ -32,15 +35,29 @@ DENSE = {
 }
 
 
+def dense_point(spec):
+    """DENSE's entry for KIND:N[:W]."""
+    kind, n, *width = spec.split(":")
+    n = int(n)
+    b = max(1, 16384 // n)
+    if kind == "window":
+        return b, 16, 16, n, 128, torch.float16, dict(causal=True, window_size=(int(width[0]) - 1, 0))
+    if kind == "gqa":
+        return b, 32, 4, n, 128, torch.float16, dict(causal=True)
+    return b, 16, 16, n, 128, torch.float16, dict(causal=True, softcap=50.0)
+
+
 def point_setup(point):
     """({name: (fn, inputs, d_out)} for v2 and flex, flops) of one point."""
-    if point == "varlen":
+    if point.split(":")[0] == "varlen":
         sizes = GRIDS["gpu"]["features"]
+        if ":" in point:
+            sizes = FeatureSizes(int(point.split(":")[1]), sizes.head_dim, sizes.heads, sizes.gqa_heads, sizes.window)
         chosen = {name: (fn, layout) for name, _, fn, layout in varlen_contenders(sizes, ("v2", "flex"), "cuda")}
         inputs, d_out = varlen_inputs(sizes, "packed", torch.float16, "cuda")  # both run the packed batch
         return ({name: (fn, inputs, d_out) for name, (fn, _) in chosen.items()},
                 packed_flops(sizes.varlen_lengths(), sizes.heads, sizes.head_dim, causal=True))
-    b, hq, hkv, n, d, dtype, options = DENSE[point]
+    b, hq, hkv, n, d, dtype, options = DENSE[point] if point in DENSE else dense_point(point)
     inputs, d_out = random_inputs(b, hq, n, d, dtype, "cuda", heads_kv=hkv)
     flops = workload_flops(b, hq, n, n, d, options.get("causal", False), options.get("window_size", (-1, -1)))
     return {name: (attention_fn(name, **options), inputs, d_out) for name in ("v2", "flex")}, flops
