@@ -3,7 +3,8 @@ side stream (as shipped) against one stream (`fork_stream` patched to None), and
 benchmark's timer (do_bench medians, grads cleared), interleaved rounds; plus the host time of
 one call (perf_counter around the call, no synchronize inside the loop).
 
-Usage: python3 side_stream_small_ab.py REPO_DIR [ROUNDS]"""
+Usage: python3 side_stream_small_ab.py REPO_DIR [ROUNDS], REPO_DIR a tree before `ac1c56a` (which
+removed the side stream)."""
 import json
 import statistics
 import sys
