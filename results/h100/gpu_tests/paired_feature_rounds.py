@@ -18,7 +18,7 @@ sys.path.insert(0, sys.argv[1])
 import torch  # noqa: E402
 
 from flashtile.bench.cli import GRIDS  # noqa: E402
-from flashtile.bench.features import FeatureSizes, varlen_contenders, varlen_inputs  # noqa: E402
+from flashtile.bench.features import SOFTCAP, FeatureSizes, varlen_contenders, varlen_inputs  # noqa: E402
 from flashtile.bench.impls import attention_fn  # noqa: E402
 from flashtile.bench.measure import (gradient_like, packed_flops, random_inputs, time_ms,  # noqa: E402
                                      workload_flops)
@@ -31,7 +31,7 @@ DENSE = {
     "window8192": (1, 16, 16, 16384, 128, torch.float16, dict(causal=True, window_size=(8191, 0))),
     "window4096_bf16": (1, 16, 16, 16384, 128, torch.bfloat16, dict(causal=True, window_size=(4095, 0))),
     "gqa": (1, 32, 4, 16384, 128, torch.float16, dict(causal=True)),
-    "softcap": (4, 16, 16, 4096, 128, torch.float16, dict(causal=True, softcap=50.0)),
+    "softcap": (4, 16, 16, 4096, 128, torch.float16, dict(causal=True, softcap=SOFTCAP)),
 }
 
 
@@ -44,7 +44,9 @@ def dense_point(spec):
         return b, 16, 16, n, 128, torch.float16, dict(causal=True, window_size=(int(width[0]) - 1, 0))
     if kind == "gqa":
         return b, 32, 4, n, 128, torch.float16, dict(causal=True)
-    return b, 16, 16, n, 128, torch.float16, dict(causal=True, softcap=50.0)
+    if kind == "softcap":
+        return b, 16, 16, n, 128, torch.float16, dict(causal=True, softcap=SOFTCAP)
+    raise ValueError(f"unknown point {spec!r}: see the usage above")
 
 
 def point_setup(point):
@@ -53,9 +55,8 @@ def point_setup(point):
         sizes = GRIDS["gpu"]["features"]
         if ":" in point:
             sizes = FeatureSizes(int(point.split(":")[1]), sizes.head_dim, sizes.heads, sizes.gqa_heads, sizes.window)
-        chosen = {name: (fn, layout) for name, _, fn, layout in varlen_contenders(sizes, ("v2", "flex"), "cuda")}
         inputs, d_out = varlen_inputs(sizes, "packed", torch.float16, "cuda")  # both run the packed batch
-        return ({name: (fn, inputs, d_out) for name, (fn, _) in chosen.items()},
+        return ({name: (fn, inputs, d_out) for name, _, fn, _ in varlen_contenders(sizes, ("v2", "flex"), "cuda")},
                 packed_flops(sizes.varlen_lengths(), sizes.heads, sizes.head_dim, causal=True))
     b, hq, hkv, n, d, dtype, options = DENSE[point] if point in DENSE else dense_point(point)
     inputs, d_out = random_inputs(b, hq, n, d, dtype, "cuda", heads_kv=hkv)
