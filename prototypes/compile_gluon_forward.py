@@ -1,0 +1,39 @@
+"""Compile prototypes/gluon_forward.py for sm_90 without a GPU; print its resources and the
+instructions that matter (wgmma, TMA, mbarrier waits). Usage: python prototypes/compile_gluon_forward.py [D]"""
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+sys.path.insert(0, "prototypes")
+from gluon_forward import gluon_forward_kernel  # noqa: E402
+
+d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+block_m, block_n, stages = 128, 128 if d <= 64 else 128, 2
+q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gl.float16)
+kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.float16)
+desc = lambda rows, layout: f"tensordesc<fp16[{rows}, {d}],{layout!r}>"  # noqa: E731
+signature = {"q_desc": desc(block_m, q_layout), "k_desc": desc(block_n, kv_layout), "v_desc": desc(block_n, kv_layout),
+             "o_desc": desc(block_m, q_layout), "LSE": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
+             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "NUM_STAGES": "constexpr",
+             "num_warps": "constexpr"}
+constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": 8}
+src = GluonASTSource(gluon_forward_kernel, signature, constexprs)
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+ptx = kernel.asm["ptx"]
+print("shared bytes", kernel.metadata.shared, "| registers", getattr(kernel, "n_regs", "?"))
+for name in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "ld.local", "st.local"):
+    print(f"{name:24} {len(re.findall(re.escape(name), ptx))}")
+
+# Registers and spills from the cubin (cuobjdump ships with Triton's NVIDIA backend).
+import os, subprocess, tempfile  # noqa: E401,E402
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(kernel.asm["cubin"])
+    f.flush()
+    usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
+                           capture_output=True, text=True).stdout
+print(" ".join(line.strip() for line in usage.splitlines() if "REG" in line))

@@ -1,0 +1,146 @@
+"""A Hopper-only FlashAttention-2 forward in Gluon (prototype, branch gluon-fwd; issue 13).
+
+Not wired into flashtile: a first step toward a Gluon kernel with explicit TMA, mbarriers and
+warpgroup MMAs, to be compared with v2's forward on an H100. Limits of the prototype: fp16,
+D = 64 or 128, not causal, no features, and Nq, Nk multiples of the blocks (the K/V descriptor
+is 2-D over (B * H * N, D), so a partial block would read the next head's rows).
+
+Structure (FlashAttention-2, Algorithm 1; scores in log2 units as in v2.py):
+- one program per (query block of BLOCK_M rows, batch * head); num_warps = 8 is two warpgroups,
+  each owning 64 query rows of every wgmma (NVMMADistributedLayout, warps_per_cta [8, 1]);
+- Q is loaded once by TMA; K and V blocks stream through a ring of NUM_STAGES shared-memory
+  slots, each slot with its own mbarrier; the load of block j + NUM_STAGES - 1 is issued
+  before block j is used, so NUM_STAGES - 1 loads are in flight;
+- S = Q K^T by wgmma from shared memory (K^T as a permuted view), the online softmax on S's
+  register layout, P converted to the A-operand register layout, O += P V by wgmma.
+No warp specialisation yet: that (a producer warp and ping-pong of the two consumer
+warpgroups, FlashAttention-3 section 3.1) is the next step once this one is measured.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2_E = 1.4426950408889634
+
+
+@gluon.jit
+def gluon_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    block = gl.program_id(0)
+    bh = gl.program_id(1)
+    q_row = bh * n_q + block * BLOCK_M
+    kv_row0 = bh * n_k
+
+    # Register layouts of the two products' accumulators: S (BLOCK_M x BLOCK_N) and O (BLOCK_M x D).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for slot in gl.static_range(NUM_STAGES):
+        mbarrier.init(kv_bars.index(slot), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    n_blocks = n_k // BLOCK_N
+    # Prologue: the first NUM_STAGES - 1 blocks of K and V.
+    for first in gl.static_range(NUM_STAGES - 1):
+        ready = first < n_blocks
+        mbarrier.expect(kv_bars.index(first), kv_bytes, pred=ready)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + first * BLOCK_N, 0], kv_bars.index(first),
+                                        k_smem.index(first), pred=ready)
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + first * BLOCK_N, 0], kv_bars.index(first),
+                                        v_smem.index(first), pred=ready)
+
+    row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows)
+    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=s_rows)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, phase=0)
+
+    for j in range(n_blocks):
+        stage = j % NUM_STAGES
+        # Refill the slot that block j - 1 used (its two products have completed: waited below).
+        ahead = j + NUM_STAGES - 1
+        ahead_stage = ahead % NUM_STAGES
+        pred = ahead < n_blocks
+        mbarrier.expect(kv_bars.index(ahead_stage), kv_bytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + ahead * BLOCK_N, 0], kv_bars.index(ahead_stage),
+                                        k_smem.index(ahead_stage), pred=pred)
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + ahead * BLOCK_N, 0], kv_bars.index(ahead_stage),
+                                        v_smem.index(ahead_stage), pred=pred)
+
+        mbarrier.wait(kv_bars.index(stage), phase=(j // NUM_STAGES) & 1)
+        # Line 8: S = Q K^T (K^T: a permuted view of the K tile, no copy).
+        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        # Line 9: the online softmax, log2 units.
+        scores = s * qk_scale
+        new_max = gl.maximum(row_max, gl.max(scores, 1))
+        p = gl.exp2(scores - gl.expand_dims(new_max, 1))
+        correction = gl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + gl.sum(p, 1)
+        row_max = new_max
+        # Line 10: O~ = diag(correction) O~ + P V, P from registers.
+        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+        acc = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    mbarrier.invalidate(q_bar)
+    for slot in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(kv_bars.index(slot))
+
+    # Lines 12-13: O = O~ / l, L = m + log2(l) (stored in natural log).
+    out = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+    lse = (row_max + gl.log2(row_sum)) * 0.6931471805599453
+    rows = q_row + gl.arange(0, BLOCK_M, layout=s_rows)
+    gl.store(LSE + rows, lse)
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, o_desc.block_type.shape, o_desc.layout)
+    o_smem.store(out.to(gl.float16))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], o_smem)
+    tma.store_wait(pendings=0)
+
+
+def descriptors(q, k, v, out, block_m, block_n):
+    """2-D TMA descriptors over (B * H * N, D) of contiguous (B, H, N, D) fp16 tensors."""
+    d = q.shape[-1]
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gl.float16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.float16)
+    flat = lambda t: t.reshape(-1, d)  # noqa: E731
+    return (TensorDescriptor(flat(q), list(flat(q).shape), list(flat(q).stride()), [block_m, d], q_layout),
+            TensorDescriptor(flat(k), list(flat(k).shape), list(flat(k).stride()), [block_n, d], kv_layout),
+            TensorDescriptor(flat(v), list(flat(v).shape), list(flat(v).stride()), [block_n, d], kv_layout),
+            TensorDescriptor(flat(out), list(flat(out).shape), list(flat(out).stride()), [block_m, d], q_layout))
+
+
+def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8):
+    """(out, lse) of non-causal attention; q, k, v contiguous fp16 (B, H, N, D)."""
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    assert q.dtype == torch.float16 and d in (64, 128), "prototype: fp16, D 64 or 128"
+    assert n_q % block_m == 0 and n_k % block_n == 0, "prototype: lengths multiples of the blocks"
+    scale = d ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    grid = (n_q // block_m, b * h)
+    gluon_forward_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
+                               block_m, block_n, d, num_stages, num_warps=num_warps)
+    return out, lse
