@@ -25,7 +25,7 @@ src = GluonASTSource(gluon_forward_kernel, signature, constexprs)
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 ptx = kernel.asm["ptx"]
 print("shared bytes", kernel.metadata.shared, "| registers", getattr(kernel, "n_regs", "?"))
-for name in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "ld.local", "st.local"):
+for name in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "bar.sync", "ld.local", "st.local"):
     print(f"{name:24} {len(re.findall(re.escape(name), ptx))}")
 
 # Registers and spills from the cubin (cuobjdump ships with Triton's NVIDIA backend).

@@ -75,7 +75,9 @@ def gluon_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale
 
     for j in range(n_blocks):
         stage = j % NUM_STAGES
-        # Refill the slot that block j - 1 used (its two products have completed: waited below).
+        # Refill the slot that block j - 1 used. Each warpgroup waited for its own products
+        # of block j - 1; the barrier makes sure both have before one thread issues the copy.
+        gl.thread_barrier()
         ahead = j + NUM_STAGES - 1
         ahead_stage = ahead % NUM_STAGES
         pred = ahead < n_blocks
