@@ -19,17 +19,18 @@ for b, h, n, d in ((4, 16, 4096, 128), (1, 16, 16384, 128), (8, 32, 2048, 64)):
     ref_lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * d ** -0.5, -1) if n <= 4096 else None
     flops = 4 * b * h * n * n * d
     rows = []
-    for block_n, stages in ((128, 2), (64, 2), (64, 3), (128, 3)):
-        try:
-            out, lse = gluon_forward(q, k, v, block_n=block_n, num_stages=stages)
-            torch.cuda.synchronize()
-            err = (out.float() - ref).abs().max().item()
-            lse_err = None if ref_lse is None else (lse - ref_lse).abs().max().item()
-            ms = do_bench(lambda: gluon_forward(q, k, v, block_n=block_n, num_stages=stages), return_mode="median")
-            rows.append(dict(block_n=block_n, stages=stages, max_err=err, lse_err=lse_err,
-                             tflops=round(flops / ms / 1e9, 1)))
-        except Exception as error:  # noqa: BLE001
-            rows.append(dict(block_n=block_n, stages=stages, error=str(error).splitlines()[0][:200]))
+    for ws in (False, True):
+        for block_n, stages in ((128, 2), (64, 2), (64, 3), (128, 3)):
+            config = dict(block_n=block_n, num_stages=stages, warp_specialized=ws)
+            try:
+                out, lse = gluon_forward(q, k, v, **config)
+                torch.cuda.synchronize()
+                err = (out.float() - ref).abs().max().item()
+                lse_err = None if ref_lse is None else (lse - ref_lse).abs().max().item()
+                ms = do_bench(lambda: gluon_forward(q, k, v, **config), return_mode="median")
+                rows.append(dict(config, max_err=err, lse_err=lse_err, tflops=round(flops / ms / 1e9, 1)))
+            except Exception as error:  # noqa: BLE001
+                rows.append(dict(config, error=str(error).splitlines()[0][:200]))
     v2_ms = do_bench(lambda: flashtile.attention(q, k, v), return_mode="median")
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), return_mode="median")

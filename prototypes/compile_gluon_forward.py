@@ -1,5 +1,5 @@
 """Compile prototypes/gluon_forward.py for sm_90 without a GPU; print its resources and the
-instructions that matter (wgmma, TMA, mbarrier waits). Usage: python prototypes/compile_gluon_forward.py [D]"""
+instructions that matter (wgmma, TMA, mbarrier waits). Usage: python prototypes/compile_gluon_forward.py [D [ws]]"""
 import re
 import sys
 
@@ -9,9 +9,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, "prototypes")
-from gluon_forward import gluon_forward_kernel  # noqa: E402
+from gluon_forward import gluon_forward_kernel, gluon_forward_ws_kernel  # noqa: E402
 
 d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+ws = len(sys.argv) > 2 and sys.argv[2] == "ws"
 block_m, block_n, stages = 128, 128 if d <= 64 else 128, 2
 q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gl.float16)
 kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.float16)
@@ -21,11 +22,12 @@ signature = {"q_desc": desc(block_m, q_layout), "k_desc": desc(block_n, kv_layou
              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "NUM_STAGES": "constexpr",
              "num_warps": "constexpr"}
 constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": 8}
-src = GluonASTSource(gluon_forward_kernel, signature, constexprs)
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+src = GluonASTSource(gluon_forward_ws_kernel if ws else gluon_forward_kernel, signature, constexprs)
+options = dict(num_warps=8, maxnreg=168) if ws else dict(num_warps=8)
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 ptx = kernel.asm["ptx"]
 print("shared bytes", kernel.metadata.shared, "| registers", getattr(kernel, "n_regs", "?"))
-for name in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "bar.sync", "ld.local", "st.local"):
+for name in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "bar.sync", "setmaxnreg", "ld.local", "st.local"):
     print(f"{name:24} {len(re.findall(re.escape(name), ptx))}")
 
 # Registers and spills from the cubin (cuobjdump ships with Triton's NVIDIA backend).

@@ -120,6 +120,109 @@ def gluon_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale
     tma.store_wait(pendings=0)
 
 
+# ---------------------------------------------------------------------------------------
+# Warp-specialised: a one-warp producer partition issues every TMA load; the eight-warp
+# default partition (two warpgroups) only waits, multiplies and exponentiates. Each K/V slot
+# has a "ready" barrier (the producer's copies landed) and an "empty" one (the consumers'
+# products that read it have completed). mbarriers start with phase 1 complete, so the
+# producer's first wait on an empty slot passes at once (Gluon tutorial 08's convention).
+# ---------------------------------------------------------------------------------------
+
+@gluon.jit
+def _load_partition(descs, barriers, buffers, q_row, kv_row0, n_blocks, BLOCK_N: gl.constexpr):
+    q_desc, k_desc, v_desc = descs
+    q_bar, kv_ready, kv_empty = barriers
+    q_smem, k_bufs, v_bufs = buffers
+    num_buffers: gl.constexpr = k_bufs.type.shape[0]
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    for j in range(n_blocks):
+        index = j % num_buffers
+        phase = j // num_buffers & 1
+        mbarrier.wait(kv_empty.index(index), phase ^ 1)
+        mbarrier.expect(kv_ready.index(index), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + j * BLOCK_N, 0], kv_ready.index(index),
+                                        k_bufs.index(index))
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + j * BLOCK_N, 0], kv_ready.index(index),
+                                        v_bufs.index(index))
+
+
+@gluon.jit
+def _compute_partition(barriers, buffers, n_blocks, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_D: gl.constexpr, WARPS: gl.constexpr):
+    q_bar, kv_ready, kv_empty = barriers
+    q_smem, k_bufs, v_bufs = buffers
+    num_buffers: gl.constexpr = k_bufs.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows)
+    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=s_rows)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, phase=0)
+    for j in range(n_blocks):
+        index = j % num_buffers
+        mbarrier.wait(kv_ready.index(index), j // num_buffers & 1)
+        s = warpgroup_mma(q_smem, k_bufs.index(index).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        scores = s * qk_scale
+        new_max = gl.maximum(row_max, gl.max(scores, 1))
+        p = gl.exp2(scores - gl.expand_dims(new_max, 1))
+        correction = gl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + gl.sum(p, 1)
+        row_max = new_max
+        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+        acc = warpgroup_mma(p16, v_bufs.index(index), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        # Both warpgroups' products of this slot have completed: hand it back.
+        gl.thread_barrier()
+        mbarrier.arrive(kv_empty.index(index), count=1)
+    return acc, row_max, row_sum
+
+
+@gluon.jit
+def gluon_forward_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
+                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                            NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    block = gl.program_id(0)
+    bh = gl.program_id(1)
+    q_row = bh * n_q + block * BLOCK_M
+    kv_row0 = bh * n_k
+    n_blocks = n_k // BLOCK_N
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for slot in gl.static_range(NUM_STAGES):
+        mbarrier.init(kv_ready.index(slot), count=1)
+        mbarrier.init(kv_empty.index(slot), count=1)
+    barriers = (q_bar, kv_ready, kv_empty)
+    buffers = (q_smem, k_bufs, v_bufs)
+    acc, row_max, row_sum = gl.warp_specialize([
+        (_compute_partition, (barriers, buffers, n_blocks, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, num_warps)),
+        (_load_partition, ((q_desc, k_desc, v_desc), barriers, buffers, q_row, kv_row0, n_blocks, BLOCK_N)),
+    ], [1], [24])
+    o_layout: gl.constexpr = acc.type.layout
+    out = acc / gl.expand_dims(gl.convert_layout(row_sum, gl.SliceLayout(1, o_layout)), 1)
+    lse = (row_max + gl.log2(row_sum)) * 0.6931471805599453
+    rows = q_row + gl.arange(0, BLOCK_M, layout=row_max.type.layout)
+    gl.store(LSE + rows, lse)
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, o_desc.block_type.shape, o_desc.layout)
+    o_smem.store(out.to(gl.float16))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], o_smem)
+    tma.store_wait(pendings=0)
+
+
 def descriptors(q, k, v, out, block_m, block_n):
     """2-D TMA descriptors over (B * H * N, D) of contiguous (B, H, N, D) fp16 tensors."""
     d = q.shape[-1]
@@ -132,8 +235,10 @@ def descriptors(q, k, v, out, block_m, block_n):
             TensorDescriptor(flat(out), list(flat(out).shape), list(flat(out).stride()), [block_m, d], q_layout))
 
 
-def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8):
-    """(out, lse) of non-causal attention; q, k, v contiguous fp16 (B, H, N, D)."""
+def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8, warp_specialized=False):
+    """(out, lse) of non-causal attention; q, k, v contiguous fp16 (B, H, N, D).
+    warp_specialized: the producer/consumer kernel (maxnreg 168: 12 warps of 168 registers fit
+    the SM's 64 K, and the compiler moves the producer's to the consumers)."""
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     assert q.dtype == torch.float16 and d in (64, 128), "prototype: fp16, D 64 or 128"
@@ -143,6 +248,10 @@ def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, n
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     grid = (n_q // block_m, b * h)
-    gluon_forward_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
-                               block_m, block_n, d, num_stages, num_warps=num_warps)
+    if warp_specialized:
+        gluon_forward_ws_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
+                                      block_m, block_n, d, num_stages, num_warps=num_warps, maxnreg=168)
+    else:
+        gluon_forward_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
+                                   block_m, block_n, d, num_stages, num_warps=num_warps)
     return out, lse
