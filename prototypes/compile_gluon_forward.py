@@ -1,5 +1,5 @@
 """Compile prototypes/gluon_forward.py for sm_90 without a GPU; print its resources and the
-instructions that matter (wgmma, TMA, mbarrier waits). Usage: python prototypes/compile_gluon_forward.py [D [ws]]"""
+instructions that matter (wgmma, TMA, mbarrier waits). Usage: python prototypes/compile_gluon_forward.py [D [plain|ws|pipe [BLOCK_N [STAGES [causal]]]]]"""
 import re
 import sys
 
@@ -9,11 +9,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, "prototypes")
-from gluon_forward import gluon_forward_kernel, gluon_forward_ws_kernel  # noqa: E402
+from gluon_forward import gluon_forward_kernel, gluon_forward_pipelined_kernel, gluon_forward_ws_kernel  # noqa: E402
 
 d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-ws = len(sys.argv) > 2 and sys.argv[2] == "ws"
-block_m, block_n, stages = 128, 128 if d <= 64 else 128, 2
+mode = sys.argv[2] if len(sys.argv) > 2 else "plain"
+ws = mode == "ws"
+block_m = 128
+block_n = int(sys.argv[3]) if len(sys.argv) > 3 else 128
+stages = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+causal = len(sys.argv) > 5 and sys.argv[5] == "causal"
 q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gl.float16)
 kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.float16)
 desc = lambda rows, layout: f"tensordesc<fp16[{rows}, {d}],{layout!r}>"  # noqa: E731
@@ -22,7 +26,11 @@ signature = {"q_desc": desc(block_m, q_layout), "k_desc": desc(block_n, kv_layou
              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "NUM_STAGES": "constexpr",
              "num_warps": "constexpr"}
 constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": 8}
-src = GluonASTSource(gluon_forward_ws_kernel if ws else gluon_forward_kernel, signature, constexprs)
+kernel_fn = {"plain": gluon_forward_kernel, "ws": gluon_forward_ws_kernel, "pipe": gluon_forward_pipelined_kernel}[mode]
+if mode == "pipe":
+    signature["CAUSAL"] = "constexpr"
+    constexprs["CAUSAL"] = causal
+src = GluonASTSource(kernel_fn, signature, constexprs)
 options = dict(num_warps=8, maxnreg=168) if ws else dict(num_warps=8)
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 ptx = kernel.asm["ptx"]
@@ -39,3 +47,5 @@ with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
     usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
                            capture_output=True, text=True).stdout
 print(" ".join(line.strip() for line in usage.splitlines() if "REG" in line))
+if os.environ.get("PTX_OUT"):
+    open(os.environ["PTX_OUT"], "w").write(ptx)

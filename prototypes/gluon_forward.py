@@ -121,6 +121,129 @@ def gluon_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale
 
 
 # ---------------------------------------------------------------------------------------
+# Pipelined (FlashAttention-3, section 3.2, "intra-warpgroup overlapping"): S_j = Q K_j^T is
+# issued together with O~ += P_{j-1} V_{j-1}, and the softmax of S_j runs while the second
+# product is still on the tensor cores. The rescale of O~ by exp2(m_old - m_new) waits for it.
+# Slots: block j's K and V share slot j % NUM_STAGES; the slot of block j - 1 is refilled
+# (with block j - 1 + NUM_STAGES) once P_{j-1} V_{j-1} has completed in both warpgroups.
+# ---------------------------------------------------------------------------------------
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, kv_row0, block, n_blocks, BLOCK_N: gl.constexpr,
+             NUM_STAGES: gl.constexpr):
+    """Issue the TMA copies of K and V block `block` into its slot (nothing past n_blocks)."""
+    slot = block % NUM_STAGES
+    pred = block < n_blocks
+    mbarrier.expect(kv_bars.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [kv_row0 + block * BLOCK_N, 0], kv_bars.index(slot), k_smem.index(slot),
+                                    pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [kv_row0 + block * BLOCK_N, 0], kv_bars.index(slot), v_smem.index(slot),
+                                    pred=pred)
+
+
+@gluon.jit
+def _scores(s, j, first_pos, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, full_blocks,
+            CAUSAL: gl.constexpr, s_layout: gl.constexpr):
+    """S_j in log2 units, with the causal mask on the blocks that cross the diagonal."""
+    scores = s * qk_scale
+    if CAUSAL:
+        if j >= full_blocks:
+            rows = first_pos + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            visible = gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1)
+            scores = gl.where(visible, scores, float("-inf"))
+    return scores
+
+
+@gluon.jit
+def gluon_forward_pipelined_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
+                                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+    block = gl.program_id(0)
+    if CAUSAL:  # the longest query blocks first
+        block = gl.num_programs(0) - 1 - block
+    bh = gl.program_id(1)
+    q_row = bh * n_q + block * BLOCK_M
+    kv_row0 = bh * n_k
+    first_pos = block * BLOCK_M + n_k - n_q  # position of the block's first query
+    n_blocks = n_k // BLOCK_N
+    full_blocks = n_blocks
+    if CAUSAL:
+        n_blocks = gl.minimum(n_blocks, (first_pos + BLOCK_M - 1) // BLOCK_N + 1)
+        full_blocks = (first_pos + 1) // BLOCK_N
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for slot in gl.static_range(NUM_STAGES):
+        mbarrier.init(kv_bars.index(slot), count=1)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    for first in gl.static_range(NUM_STAGES):
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, kv_row0, first, n_blocks, BLOCK_N, NUM_STAGES)
+
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    mbarrier.wait(q_bar, phase=0)
+    # Block 0: S_0 and its softmax; P_0 waits in registers for the first iteration.
+    mbarrier.wait(kv_bars.index(0), phase=0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    scores = _scores(s, 0, first_pos, qk_scale, BLOCK_M, BLOCK_N, full_blocks, CAUSAL, s_layout)
+    row_max = gl.max(scores, 1)
+    p = gl.exp2(scores - gl.expand_dims(row_max, 1))
+    row_sum = gl.sum(p, 1)
+    p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+
+    for j in range(1, n_blocks):
+        stage = j % NUM_STAGES
+        prev = (j - 1) % NUM_STAGES
+        mbarrier.wait(kv_bars.index(stage), phase=(j // NUM_STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # S_j done; P_{j-1} V_{j-1} may still run
+        scores = _scores(s, j, first_pos, qk_scale, BLOCK_M, BLOCK_N, full_blocks, CAUSAL, s_layout)
+        new_max = gl.maximum(row_max, gl.max(scores, 1))
+        p = gl.exp2(scores - gl.expand_dims(new_max, 1))
+        correction = gl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + gl.sum(p, 1)
+        row_max = new_max
+        acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+        # Both warpgroups are past P_{j-1} V_{j-1} (and S_{j-1}) before the slot is refilled.
+        gl.thread_barrier()
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, kv_row0, j - 1 + NUM_STAGES, n_blocks, BLOCK_N, NUM_STAGES)
+
+    last = (n_blocks - 1) % NUM_STAGES
+    acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))[0]
+    mbarrier.invalidate(q_bar)
+    for slot in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(kv_bars.index(slot))
+
+    out = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+    lse = (row_max + gl.log2(row_sum)) * 0.6931471805599453
+    rows = q_row + gl.arange(0, BLOCK_M, layout=row_max.type.layout)
+    gl.store(LSE + rows, lse)
+    # Q's tile is no longer read: O goes out through the same shared memory (same layout).
+    q_smem.store(out.to(gl.float16))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+    tma.store_wait(pendings=0)
+
+
+# ---------------------------------------------------------------------------------------
 # Warp-specialised: a one-warp producer partition issues every TMA load; the eight-warp
 # default partition (two warpgroups) only waits, multiplies and exponentiates. Each K/V slot
 # has a "ready" barrier (the producer's copies landed) and an "empty" one (the consumers'
@@ -235,7 +358,8 @@ def descriptors(q, k, v, out, block_m, block_n):
             TensorDescriptor(flat(out), list(flat(out).shape), list(flat(out).stride()), [block_m, d], q_layout))
 
 
-def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8, warp_specialized=False):
+def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8, warp_specialized=False,
+                  pipelined=False, causal=False):
     """(out, lse) of non-causal attention; q, k, v contiguous fp16 (B, H, N, D).
     warp_specialized: the producer/consumer kernel (maxnreg 168: 12 warps of 168 registers fit
     the SM's 64 K, and the compiler moves the producer's to the consumers)."""
@@ -248,10 +372,16 @@ def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, n
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     grid = (n_q // block_m, b * h)
-    if warp_specialized:
+    if pipelined:
+        gluon_forward_pipelined_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k,
+                                             scale * LOG2_E, block_m, block_n, d, num_stages, causal,
+                                             num_warps=num_warps)
+    elif warp_specialized:
+        assert not causal
         gluon_forward_ws_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
                                       block_m, block_n, d, num_stages, num_warps=num_warps, maxnreg=168)
     else:
+        assert not causal
         gluon_forward_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
                                    block_m, block_n, d, num_stages, num_warps=num_warps)
     return out, lse
