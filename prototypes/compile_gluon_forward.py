@@ -1,5 +1,6 @@
 """Compile prototypes/gluon_forward.py for sm_90 without a GPU; print its resources and the
 instructions that matter (wgmma, TMA, mbarrier waits). Usage: python prototypes/compile_gluon_forward.py [D [plain|ws|pipe [BLOCK_N [STAGES [causal]]]]]"""
+import os
 import re
 import sys
 
@@ -27,11 +28,13 @@ signature = {"q_desc": desc(block_m, q_layout), "k_desc": desc(block_n, kv_layou
              "num_warps": "constexpr"}
 constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": 8}
 kernel_fn = {"plain": gluon_forward_kernel, "ws": gluon_forward_ws_kernel, "pipe": gluon_forward_pipelined_kernel}[mode]
-if mode == "pipe":
+if mode in ("pipe", "plain"):
     signature["CAUSAL"] = "constexpr"
     constexprs["CAUSAL"] = causal
 src = GluonASTSource(kernel_fn, signature, constexprs)
 options = dict(num_warps=8, maxnreg=168) if ws else dict(num_warps=8)
+if os.environ.get("MAXNREG"):
+    options["maxnreg"] = int(os.environ["MAXNREG"])
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 ptx = kernel.asm["ptx"]
 print("shared bytes", kernel.metadata.shared, "| registers", getattr(kernel, "n_regs", "?"))

@@ -28,107 +28,6 @@ LOG2_E = 1.4426950408889634
 
 
 @gluon.jit
-def gluon_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
-                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
-    block = gl.program_id(0)
-    bh = gl.program_id(1)
-    q_row = bh * n_q + block * BLOCK_M
-    kv_row0 = bh * n_k
-
-    # Register layouts of the two products' accumulators: S (BLOCK_M x BLOCK_N) and O (BLOCK_M x D).
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for slot in gl.static_range(NUM_STAGES):
-        mbarrier.init(kv_bars.index(slot), count=1)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
-    kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
-    n_blocks = n_k // BLOCK_N
-    # Prologue: the first NUM_STAGES - 1 blocks of K and V.
-    for first in gl.static_range(NUM_STAGES - 1):
-        ready = first < n_blocks
-        mbarrier.expect(kv_bars.index(first), kv_bytes, pred=ready)
-        tma.async_copy_global_to_shared(k_desc, [kv_row0 + first * BLOCK_N, 0], kv_bars.index(first),
-                                        k_smem.index(first), pred=ready)
-        tma.async_copy_global_to_shared(v_desc, [kv_row0 + first * BLOCK_N, 0], kv_bars.index(first),
-                                        v_smem.index(first), pred=ready)
-
-    row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows)
-    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=s_rows)
-    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, phase=0)
-
-    for j in range(n_blocks):
-        stage = j % NUM_STAGES
-        # Refill the slot that block j - 1 used. Each warpgroup waited for its own products
-        # of block j - 1; the barrier makes sure both have before one thread issues the copy.
-        gl.thread_barrier()
-        ahead = j + NUM_STAGES - 1
-        ahead_stage = ahead % NUM_STAGES
-        pred = ahead < n_blocks
-        mbarrier.expect(kv_bars.index(ahead_stage), kv_bytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [kv_row0 + ahead * BLOCK_N, 0], kv_bars.index(ahead_stage),
-                                        k_smem.index(ahead_stage), pred=pred)
-        tma.async_copy_global_to_shared(v_desc, [kv_row0 + ahead * BLOCK_N, 0], kv_bars.index(ahead_stage),
-                                        v_smem.index(ahead_stage), pred=pred)
-
-        mbarrier.wait(kv_bars.index(stage), phase=(j // NUM_STAGES) & 1)
-        # Line 8: S = Q K^T (K^T: a permuted view of the K tile, no copy).
-        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        # Line 9: the online softmax, log2 units.
-        scores = s * qk_scale
-        new_max = gl.maximum(row_max, gl.max(scores, 1))
-        p = gl.exp2(scores - gl.expand_dims(new_max, 1))
-        correction = gl.exp2(row_max - new_max)
-        row_sum = row_sum * correction + gl.sum(p, 1)
-        row_max = new_max
-        # Line 10: O~ = diag(correction) O~ + P V, P from registers.
-        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        p16 = gl.convert_layout(p.to(gl.float16), p_layout)
-        acc = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-
-    mbarrier.invalidate(q_bar)
-    for slot in gl.static_range(NUM_STAGES):
-        mbarrier.invalidate(kv_bars.index(slot))
-
-    # Lines 12-13: O = O~ / l, L = m + log2(l) (stored in natural log).
-    out = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
-    lse = (row_max + gl.log2(row_sum)) * 0.6931471805599453
-    rows = q_row + gl.arange(0, BLOCK_M, layout=s_rows)
-    gl.store(LSE + rows, lse)
-    o_smem = gl.allocate_shared_memory(o_desc.dtype, o_desc.block_type.shape, o_desc.layout)
-    o_smem.store(out.to(gl.float16))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [q_row, 0], o_smem)
-    tma.store_wait(pendings=0)
-
-
-# ---------------------------------------------------------------------------------------
-# Pipelined (FlashAttention-3, section 3.2, "intra-warpgroup overlapping"): S_j = Q K_j^T is
-# issued together with O~ += P_{j-1} V_{j-1}, and the softmax of S_j runs while the second
-# product is still on the tensor cores. The rescale of O~ by exp2(m_old - m_new) waits for it.
-# Slots: block j's K and V share slot j % NUM_STAGES; the slot of block j - 1 is refilled
-# (with block j - 1 + NUM_STAGES) once P_{j-1} V_{j-1} has completed in both warpgroups.
-# ---------------------------------------------------------------------------------------
-
-@gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, kv_row0, block, n_blocks, BLOCK_N: gl.constexpr,
              NUM_STAGES: gl.constexpr):
     """Issue the TMA copies of K and V block `block` into its slot (nothing past n_blocks)."""
@@ -154,6 +53,100 @@ def _scores(s, j, first_pos, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.conste
             scores = gl.where(visible, scores, float("-inf"))
     return scores
 
+
+@gluon.jit
+def gluon_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+    block = gl.program_id(0)
+    if CAUSAL:  # the longest query blocks first
+        block = gl.num_programs(0) - 1 - block
+    bh = gl.program_id(1)
+    q_row = bh * n_q + block * BLOCK_M
+    kv_row0 = bh * n_k
+    first_pos = block * BLOCK_M + n_k - n_q  # position of the block's first query
+    n_blocks = n_k // BLOCK_N
+    full_blocks = n_blocks
+    if CAUSAL:
+        n_blocks = gl.minimum(n_blocks, (first_pos + BLOCK_M - 1) // BLOCK_N + 1)
+        full_blocks = (first_pos + 1) // BLOCK_N
+
+    # Register layouts of the two products' accumulators: S (BLOCK_M x BLOCK_N) and O (BLOCK_M x D).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(kv_bars.index(i), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    # Prologue: the first NUM_STAGES - 1 blocks of K and V.
+    for first in gl.static_range(NUM_STAGES - 1):
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, kv_row0, first, n_blocks, BLOCK_N, NUM_STAGES)
+
+    row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows)
+    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=s_rows)
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, phase=0)
+
+    for j in range(n_blocks):
+        stage = j % NUM_STAGES
+        # Refill the slot that block j - 1 used. Each warpgroup waited for its own products
+        # of block j - 1; the barrier makes sure both have before one thread issues the copy.
+        gl.thread_barrier()
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, kv_row0, j + NUM_STAGES - 1, n_blocks, BLOCK_N, NUM_STAGES)
+        mbarrier.wait(kv_bars.index(stage), phase=(j // NUM_STAGES) & 1)
+        # Line 8: S = Q K^T (K^T: a permuted view of the K tile, no copy).
+        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        # Line 9: the online softmax, log2 units.
+        scores = _scores(s, j, first_pos, qk_scale, BLOCK_M, BLOCK_N, full_blocks, CAUSAL, s_layout)
+        new_max = gl.maximum(row_max, gl.max(scores, 1))
+        p = gl.exp2(scores - gl.expand_dims(new_max, 1))
+        correction = gl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + gl.sum(p, 1)
+        row_max = new_max
+        # Line 10: O~ = diag(correction) O~ + P V, P from registers.
+        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+        acc = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(kv_bars.index(i))
+
+    # Lines 12-13: O = O~ / l, L = m + log2(l) (stored in natural log).
+    out = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+    lse = (row_max + gl.log2(row_sum)) * 0.6931471805599453
+    rows = q_row + gl.arange(0, BLOCK_M, layout=s_rows)
+    gl.store(LSE + rows, lse)
+    # Q's tile is no longer read: O goes out through the same shared memory (same layout).
+    q_smem.store(out.to(gl.float16))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+    tma.store_wait(pendings=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelined (FlashAttention-3, section 3.2, "intra-warpgroup overlapping"): S_j = Q K_j^T is
+# issued together with O~ += P_{j-1} V_{j-1}, and the softmax of S_j runs while the second
+# product is still on the tensor cores. The rescale of O~ by exp2(m_old - m_new) waits for it.
+# Slots: block j's K and V share slot j % NUM_STAGES; the slot of block j - 1 is refilled
+# (with block j - 1 + NUM_STAGES) once P_{j-1} V_{j-1} has completed in both warpgroups.
+# ---------------------------------------------------------------------------------------
 
 @gluon.jit
 def gluon_forward_pipelined_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
@@ -359,7 +352,7 @@ def descriptors(q, k, v, out, block_m, block_n):
 
 
 def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8, warp_specialized=False,
-                  pipelined=False, causal=False):
+                  pipelined=False, causal=False, maxnreg=None):
     """(out, lse) of non-causal attention; q, k, v contiguous fp16 (B, H, N, D).
     warp_specialized: the producer/consumer kernel (maxnreg 168: 12 warps of 168 registers fit
     the SM's 64 K, and the compiler moves the producer's to the consumers)."""
@@ -381,7 +374,7 @@ def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, n
         gluon_forward_ws_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
                                       block_m, block_n, d, num_stages, num_warps=num_warps, maxnreg=168)
     else:
-        assert not causal
         gluon_forward_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k, scale * LOG2_E,
-                                   block_m, block_n, d, num_stages, num_warps=num_warps)
+                                   block_m, block_n, d, num_stages, causal, num_warps=num_warps,
+                                   **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return out, lse
