@@ -15,7 +15,8 @@ from gluon_forward import gluon_forward_kernel, gluon_forward_pipelined_kernel, 
 d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 mode = sys.argv[2] if len(sys.argv) > 2 else "plain"
 ws = mode == "ws"
-block_m = 128
+block_m = int(os.environ.get("BLOCK_M", 128))
+warps = int(os.environ.get("WARPS", 8))
 block_n = int(sys.argv[3]) if len(sys.argv) > 3 else 128
 stages = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 causal = len(sys.argv) > 5 and sys.argv[5] == "causal"
@@ -26,13 +27,13 @@ signature = {"q_desc": desc(block_m, q_layout), "k_desc": desc(block_n, kv_layou
              "o_desc": desc(block_m, q_layout), "LSE": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "NUM_STAGES": "constexpr",
              "num_warps": "constexpr"}
-constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": 8}
+constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": warps}
 kernel_fn = {"plain": gluon_forward_kernel, "ws": gluon_forward_ws_kernel, "pipe": gluon_forward_pipelined_kernel}[mode]
 if mode in ("pipe", "plain"):
     signature["CAUSAL"] = "constexpr"
     constexprs["CAUSAL"] = causal
 src = GluonASTSource(kernel_fn, signature, constexprs)
-options = dict(num_warps=8, maxnreg=168) if ws else dict(num_warps=8)
+options = dict(num_warps=8, maxnreg=168) if ws else dict(num_warps=warps)
 if os.environ.get("MAXNREG"):
     options["maxnreg"] = int(os.environ["MAXNREG"])
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
