@@ -48,3 +48,27 @@ def test_compiles_within_shared_memory(variant):
     if has_matmul(variant) and (variant.capability >= 80 or turing_tensor_cores()):
         assert tensor_core_instructions(compiled.asm["ptx"], variant.capability) > 0, (
             f"{variant}: no tensor-core instruction in its PTX")
+
+
+def _hopper_variants():
+    try:
+        from flashtile.triton_kernels.aot import hopper_forward_variants
+
+        return hopper_forward_variants()
+    except ImportError:  # Triton 3.2 has no Gluon, and flashtile no Hopper forward there
+        return []
+
+
+@pytest.mark.parametrize("dtype,head_dim,flags", _hopper_variants(), ids=str)
+def test_hopper_forward_compiles_for_sm90(dtype, head_dim, flags):
+    """v2's Gluon forward, every specialisation: a cubin within sm_90's shared memory, with
+    wgmma products, TMA copies and no registers spilled."""
+    from flashtile.triton_kernels._common import SHARED_MEMORY_LIMIT
+    from flashtile.triton_kernels.aot import compile_hopper_forward, cubin_resources
+
+    compiled = compile_hopper_forward(dtype, head_dim, flags)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[90]
+    ptx = compiled.asm["ptx"]
+    assert tensor_core_instructions(ptx, 90) > 0 and "cp.async.bulk.tensor" in ptx
+    registers, stack = cubin_resources(compiled.asm["cubin"])
+    assert stack in ("0", "?"), f"{stack} bytes of stack: registers spilled"

@@ -32,6 +32,11 @@ from ._common import (LN_2, LOG2_E, ROWWISE_WARPS, STAT_BLOCK, Problem, autotune
                       padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block, scores_in_log2,
                       sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile, tile_pointers)
 
+try:  # Gluon, and so the Hopper forward, ships with Triton 3.6, not with 3.2 (flashtile's Turing version)
+    from . import v2_hopper
+except ImportError:
+    v2_hopper = None
+
 
 # ---------------------------------------------------------------------------------------
 # Forward
@@ -440,8 +445,11 @@ def _v2_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
 # ---------------------------------------------------------------------------------------
 
 def v2_forward(q, k, v, problem: Problem):
-    """O (contiguous, q's shape) and the natural-log lse (float32, problem.stat_shape)."""
+    """O (contiguous, q's shape) and the natural-log lse (float32, problem.stat_shape).
+    On Hopper, the Gluon kernel of v2_hopper.py where it `supports` the call."""
     q, k, v = d_contiguous(q), d_contiguous(k), d_contiguous(v)
+    if v2_hopper is not None and v2_hopper.supports(q, k, v, problem):
+        return v2_hopper.v2_hopper_forward(q, k, v, problem)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(problem.stat_shape(q), device=q.device, dtype=torch.float32)
     _v2_forward_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](

@@ -1,0 +1,89 @@
+"""v2's Hopper forward (flashtile/triton_kernels/v2_hopper.py, Gluon): which calls it serves, and
+its results against float64 with the project's rule, every feature and odd lengths, forward and
+the backward that reads its O and lse. On an sm_90 GPU only; elsewhere skipped. The parity suite
+(test_parity.py) runs it too, wherever it serves v2's calls there."""
+import os
+
+import pytest
+import torch
+
+from flashtile.testing import check_attention, make_grad_out, make_qkv, make_varlen_qkv
+from flashtile.triton_kernels import _common, v2
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HOPPER or v2.v2_hopper is None, reason="needs sm_90 and Gluon")]
+
+
+def served(q, k, cu_seqlens=None, max_seqlen=None, **options):
+    """Whether the Hopper kernel would serve attention(q, k, k, **options)."""
+    window = options.get("window", (-1, -1))
+    problem = _common.Problem.of(q, k, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, q.shape[-1] ** -0.5,
+                                 window[0], window[1], options.get("softcap", 0.0))
+    return v2.v2_hopper.supports(q, k, k, problem)
+
+
+def test_which_calls_it_serves(monkeypatch):
+    q, k, _ = make_qkv(2, 4, 100, 100, 128, torch.bfloat16, device="cuda")
+    assert served(q, k)
+    assert served(*make_qkv(1, 8, 33, 65, 64, torch.float16, device="cuda", layout="bnhd", kv_heads=2)[:2],
+                  window=(16, 0), softcap=30.0)
+    assert not served(*make_qkv(1, 2, 16, 16, 96, torch.float16, device="cuda")[:2])  # D 96
+    assert not served(q.float(), k.float())  # float32
+    wide = torch.zeros(2, 4, 100, 129, dtype=torch.bfloat16, device="cuda")
+    assert not served(wide[..., 1:], k)  # base and row stride not 16-byte aligned
+    packed, _, _, cu_seqlens, _ = make_varlen_qkv([5, 9], [5, 9], 2, 64, torch.float16, device="cuda")
+    assert not served(packed, packed, cu_seqlens, 9)
+    monkeypatch.setenv("FLASHTILE_GLUON", "0")
+    assert not served(q, k)
+    monkeypatch.setenv("FLASHTILE_GLUON", "1")
+    monkeypatch.setenv("FLASHTILE_PORTABLE", "1")
+    assert not served(q, k)
+
+
+def test_the_hopper_kernel_runs(monkeypatch):
+    """A served call launches the Gluon kernel, not v2.py's (the check is not vacuous)."""
+    q, k, v = make_qkv(1, 2, 128, 128, 64, torch.float16, device="cuda")
+    launched = []
+    monkeypatch.setattr(v2.v2_hopper, "v2_hopper_forward",
+                        lambda *args, real=v2.v2_hopper.v2_hopper_forward: launched.append(1) or real(*args))
+    from flashtile import attention
+    attention(q, k, v, causal=True)
+    assert launched
+
+
+FEATURES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(37, 5)),
+    "left": dict(window_size=(100, -1)),
+    "causal_window_softcap": dict(causal=True, window_size=(64, 0), softcap=20.0),
+    "softcap": dict(softcap=5.0),
+}
+SHAPES = [(1, 1), (17, 17), (113, 200), (1023, 1023), (300, 129), (256, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("n_q,n_k", SHAPES)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_against_float64(dtype, head_dim, feature, n_q, n_k, groups):
+    options = dict(FEATURES[feature])
+    causal = options.pop("causal", False)
+    q, k, v = make_qkv(2, 4, n_q, n_k, head_dim, dtype, device="cuda", seed=n_q + n_k, kv_heads=4 // groups,
+                       requires_grad=True)
+    window = options.get("window_size", (-1, -1))
+    assert served(q, k, window=(window[0], 0 if causal else window[1]), softcap=options.get("softcap", 0.0))
+    check_attention(q, k, v, causal, grad_out=make_grad_out(2, 4, n_q, head_dim, dtype, device="cuda"), **options)
+
+
+def test_matches_the_portable_kernel(monkeypatch):
+    """Same inputs through both forward kernels: outputs within rounding of each other."""
+    from flashtile import attention
+    q, k, v = make_qkv(2, 8, 777, 1100, 128, torch.bfloat16, device="cuda", layout="mixed", kv_heads=2)
+    hopper = attention(q, k, v, causal=True, window_size=(300, 0), return_lse=True)
+    monkeypatch.setenv("FLASHTILE_GLUON", "0")
+    portable = attention(q, k, v, causal=True, window_size=(300, 0), return_lse=True)
+    torch.testing.assert_close(hopper[0], portable[0], atol=2e-2, rtol=0)
+    torch.testing.assert_close(hopper[1], portable[1], atol=1e-4, rtol=0)
+    assert os.environ["FLASHTILE_GLUON"] == "0"
