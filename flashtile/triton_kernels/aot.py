@@ -235,40 +235,58 @@ def check_variant(variant: Variant, resources: bool = False) -> Result:
 # ---------------------------------------------------------------------------------------
 
 HOPPER_FLAGS = tuple(itertools.product((False, True), repeat=3))  # (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
+HOPPER_KERNELS = ("forward", "dkdv", "dq")
 
 
-def hopper_forward_variants():
-    """(dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation it ships."""
+def hopper_variants():
+    """(kernel, dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation
+    of v2_hopper.py's kernels."""
     from . import v2_hopper
 
-    return [(dtype, head_dim, flags) for dtype in SHIPPED_DTYPES[90] for head_dim in sorted(v2_hopper.BLOCK_N)
-            for flags in HOPPER_FLAGS]
+    return [(kernel, dtype, head_dim, flags) for kernel in HOPPER_KERNELS for dtype in SHIPPED_DTYPES[90]
+            for head_dim in sorted(v2_hopper.FORWARD_BLOCKS) for flags in HOPPER_FLAGS]
 
 
-def compile_hopper_forward(dtype: str, head_dim: int, flags):
-    """Compile the Gluon forward for sm_90 with its (1, 1, rows, D) TMA boxes; returns Triton's
-    CompiledKernel. The signature is the launcher's (v2_hopper.v2_hopper_forward)."""
+def compile_hopper(kernel: str, dtype: str, head_dim: int, flags):
+    """Compile one of v2_hopper.py's Gluon kernels for sm_90, with the (1, 1, rows, D) TMA boxes
+    its launcher passes; returns Triton's CompiledKernel."""
+    import inspect
+
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import v2_hopper
 
     element = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
-    block_n = v2_hopper.BLOCK_N[head_dim]
+    fn, blocks = {"forward": (v2_hopper._v2_hopper_forward_kernel, v2_hopper.FORWARD_BLOCKS),
+                  "dkdv": (v2_hopper._v2_hopper_dkdv_kernel, v2_hopper.DKDV_BLOCKS),
+                  "dq": (v2_hopper._v2_hopper_dq_kernel, v2_hopper.DQ_BLOCKS)}[kernel]
+    owned, looped = blocks[head_dim]
+    # Which descriptors box the owned rows: the forward's and dQ's Q, dO, O, dQ; dK/dV's K, V, dK, dV.
+    owned_names = {"k_desc", "v_desc", "dk_desc", "dv_desc"} if kernel == "dkdv" else {"q_desc", "do_desc", "o_desc",
+                                                                                       "dq_desc"}
 
     def box(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
         return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"
 
-    scalars = ("stride_lb", "stride_lh", "q_heads", "group", "n_q", "n_k")
-    signature = {"q_desc": box(v2_hopper.BLOCK_M), "k_desc": box(block_n), "v_desc": box(block_n),
-                 "o_desc": box(v2_hopper.BLOCK_M), "LSE": "*fp32", **{name: "i32" for name in scalars},
-                 "qk_scale": "fp32", "softcap_log2": "fp32", "window_left": "i32", "window_right": "i32"}
-    constexprs = {"BLOCK_M": v2_hopper.BLOCK_M, "BLOCK_N": block_n, "HEAD_D": head_dim,
+    block_names = ("BLOCK_N", "BLOCK_M") if kernel == "dkdv" else ("BLOCK_M", "BLOCK_N")
+    constexprs = {block_names[0]: owned, block_names[1]: looped, "HEAD_D": head_dim,
                   "NUM_STAGES": v2_hopper.NUM_STAGES, "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1],
                   "SOFTCAP": flags[2], "num_warps": v2_hopper.NUM_WARPS}
-    signature.update({name: "constexpr" for name in constexprs})
-    source = GluonASTSource(v2_hopper._v2_hopper_forward_kernel, signature, constexprs)
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_desc"):
+            signature[name] = box(owned if name in owned_names else looped)
+        elif name in ("LSE", "L2", "DELTA"):
+            signature[name] = "*fp32"
+        elif name in ("scale", "qk_scale", "softcap_log2"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = GluonASTSource(fn, signature, constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": v2_hopper.NUM_WARPS})
 
 
