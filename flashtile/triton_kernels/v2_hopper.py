@@ -246,9 +246,9 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
         row_max = new_max
         # Line 10: O~ = diag(correction) O~ + P~ V, P~ from registers.
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), _tile(v_boxes, slot, BLOCK_N, HEAD_D), acc,
-                            is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        p_operand = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p_operand, _tile(v_boxes, slot, BLOCK_N, HEAD_D), acc, is_async=True)
+        acc, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_operand))
 
     _invalidate(q_bar, 1)
     _invalidate(kv_bars, NUM_STAGES)
@@ -348,17 +348,20 @@ def _v2_hopper_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, L2
             scores_t = gl.where(visible, scores_t, float("-inf"))
         # Line 11: P = exp2(S - L); line 12: dV += P^T dO.
         p_t = gl.exp2(scores_t - gl.expand_dims(lse, 0))
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_tile, dv, is_async=True)
+        p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
+        dv = warpgroup_mma(p_operand, do_tile, dv, is_async=True)
         if SOFTCAP:  # the softcap's derivative 1 - tanh^2, folded into P while dV's product runs
             p_t = p_t * (1.0 - capped_t * capped_t)
         # Line 13: dP^T = V dO^T; line 14: dS = P * (dP - D).
         dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout),
                             use_acc=False, is_async=True)
-        dv, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dpt))
+        # P's registers stay the dV product's operand until it completes (deps keeps them live).
+        dv, dpt, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dpt, p_operand))
         ds_t = p_t * (dpt - gl.expand_dims(delta, 0))
         # Line 16: dK += dS^T Q (times scale, once at the end).
-        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_tile, dk, is_async=True)
-        dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+        ds_operand = gl.convert_layout(ds_t.to(dtype), op_layout)
+        dk = warpgroup_mma(ds_operand, q_tile, dk, is_async=True)
+        dk, ds_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ds_operand))
 
     _invalidate(kv_bar, 1)
     _invalidate(bars, NUM_STAGES)
@@ -449,8 +452,9 @@ def _v2_hopper_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, L2, DELTA, st
         if SOFTCAP:
             ds = ds * (1.0 - capped * capped)
         # Line 15: dQ += dS K (times scale at the end).
-        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k_tile, dq, is_async=True)
-        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+        ds_operand = gl.convert_layout(ds.to(dtype), op_layout)
+        dq = warpgroup_mma(ds_operand, k_tile, dq, is_async=True)
+        dq, ds_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_operand))
 
     _invalidate(q_bar, 1)
     _invalidate(kv_bars, NUM_STAGES)
