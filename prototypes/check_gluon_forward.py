@@ -16,9 +16,8 @@ from gluon_forward import gluon_forward  # noqa: E402
 
 SHAPES = [tuple(map(int, s.split("x"))) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else \
     [(4, 16, 4096, 128), (1, 16, 16384, 128), (8, 32, 2048, 64)]
-CONFIGS = [dict(block_n=64, num_stages=2), dict(block_n=128, num_stages=2),
-           dict(block_m=64, num_warps=4, block_n=64, num_stages=2), dict(block_m=64, num_warps=4, block_n=64, num_stages=3),
-           dict(block_m=64, num_warps=4, block_n=128, num_stages=2)]
+CONFIGS = [dict(block_n=64, num_stages=2), dict(block_n=128, num_stages=2)] + \
+    [dict(two_consumers=True, block_n=bn, num_stages=st) for bn, st in ((128, 2), (64, 3), (128, 3), (64, 2))]
 
 for b, h, n, d in SHAPES:
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))

@@ -10,7 +10,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, "prototypes")
-from gluon_forward import gluon_forward_kernel, gluon_forward_pipelined_kernel, gluon_forward_ws_kernel  # noqa: E402
+from gluon_forward import (gluon_forward_kernel, gluon_forward_pipelined_kernel, gluon_forward_two_consumers_kernel,  # noqa: E402
+                           gluon_forward_ws_kernel)
 
 d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 mode = sys.argv[2] if len(sys.argv) > 2 else "plain"
@@ -28,12 +29,23 @@ signature = {"q_desc": desc(block_m, q_layout), "k_desc": desc(block_n, kv_layou
              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_D": "constexpr", "NUM_STAGES": "constexpr",
              "num_warps": "constexpr"}
 constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": d, "NUM_STAGES": stages, "num_warps": warps}
-kernel_fn = {"plain": gluon_forward_kernel, "ws": gluon_forward_ws_kernel, "pipe": gluon_forward_pipelined_kernel}[mode]
-if mode in ("pipe", "plain"):
+kernel_fn = {"plain": gluon_forward_kernel, "ws": gluon_forward_ws_kernel, "pipe": gluon_forward_pipelined_kernel,
+             "two": gluon_forward_two_consumers_kernel}[mode]
+if mode == "two":  # two 64-row consumer partitions of 4 warps, a 1-warp loader
+    q_rows = block_m // 2
+    q_layout = gl.NVMMASharedLayout.get_default_for([q_rows, d], gl.float16)
+    signature["q_desc"] = signature["o_desc"] = desc(q_rows, q_layout)
+    signature["CAUSAL"] = signature["CONSUMER_REGS"] = "constexpr"
+    constexprs.update(CAUSAL=causal, CONSUMER_REGS=int(os.environ.get("CONSUMER_REGS", 232)), num_warps=4)
+    signature["num_warps"] = signature.pop("num_warps")  # the kernel's parameter order
+    warps = 4
+if mode in ("pipe", "plain"):  # noqa: SIM102
     signature["CAUSAL"] = "constexpr"
     constexprs["CAUSAL"] = causal
 src = GluonASTSource(kernel_fn, signature, constexprs)
 options = dict(num_warps=8, maxnreg=168) if ws else dict(num_warps=warps)
+if mode == "two":
+    options["maxnreg"] = 224
 if os.environ.get("MAXNREG"):
     options["maxnreg"] = int(os.environ["MAXNREG"])
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

@@ -339,6 +339,135 @@ def gluon_forward_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_sc
     tma.store_wait(pendings=0)
 
 
+# ---------------------------------------------------------------------------------------
+# Two consumer partitions (FlashAttention-3's layout, section 3.1, without its explicit ping-pong
+# ordering): the CTA's 128 query rows are two 64-row halves, each in its own 4-warp partition
+# with its own Q tile, accumulator and epilogue; a 1-warp partition issues every TMA load.
+# Barriers inside a partition are the partition's own, so the two consumers are not held in
+# step by CTA-wide bar.syncs (what kept the 8-warp loop's warpgroups together) and drift apart:
+# one's softmax can run while the other's products are on the tensor cores. A K/V slot is
+# handed back when both consumers have arrived on its "empty" barrier (count 2).
+# ---------------------------------------------------------------------------------------
+
+@gluon.jit
+def _two_loader(q_desc, k_desc, v_desc, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, kv_row0,
+                n_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    num_buffers: gl.constexpr = k_bufs.type.shape[0]
+    HALF_M: gl.constexpr = BLOCK_M // 2
+    for half in gl.static_range(2):
+        mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + half * HALF_M, 0], q_bars.index(half), q_smems.index(half))
+    for j in range(n_steps):
+        index = j % num_buffers
+        mbarrier.wait(kv_empty.index(index), (j // num_buffers & 1) ^ 1)
+        mbarrier.expect(kv_ready.index(index), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + j * BLOCK_N, 0], kv_ready.index(index), k_bufs.index(index))
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + j * BLOCK_N, 0], kv_ready.index(index), v_bufs.index(index))
+
+
+@gluon.jit
+def _two_consumer(half: gl.constexpr, o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row,
+                  first_pos, n_steps, full_blocks, qk_scale, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_D: gl.constexpr, CAUSAL: gl.constexpr):
+    num_buffers: gl.constexpr = k_bufs.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_smem = q_smems.index(half)
+    my_first = first_pos + half * HALF_M
+    row_max = gl.full([HALF_M], float("-inf"), gl.float32, layout=s_rows)
+    row_sum = gl.zeros([HALF_M], gl.float32, layout=s_rows)
+    acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bars.index(half), phase=0)
+    for j in range(n_steps):
+        index = j % num_buffers
+        mbarrier.wait(kv_ready.index(index), j // num_buffers & 1)
+        s = warpgroup_mma(q_smem, k_bufs.index(index).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        scores = _scores(s, j, my_first, qk_scale, HALF_M, BLOCK_N, full_blocks, CAUSAL, s_layout)
+        new_max = gl.maximum(row_max, gl.max(scores, 1))
+        shift = gl.where(new_max == float("-inf"), 0.0, new_max)
+        p = gl.exp2(scores - gl.expand_dims(shift, 1))
+        correction = gl.exp2(row_max - shift)
+        row_sum = row_sum * correction + gl.sum(p, 1)
+        row_max = new_max
+        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+        acc = warpgroup_mma(p16, v_bufs.index(index), acc, is_async=True)
+        acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+        gl.thread_barrier()  # this partition's four warps are past the slot
+        mbarrier.arrive(kv_empty.index(index), count=1)
+    out = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+    lse = (row_max + gl.log2(row_sum)) * 0.6931471805599453
+    rows = q_row + half * HALF_M + gl.arange(0, HALF_M, layout=s_rows)
+    gl.store(LSE + rows, lse)
+    q_smem.store(out.to(gl.float16))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row + half * HALF_M, 0], q_smem)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _two_consumer_0(o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, first_pos, n_steps,
+                    full_blocks, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    CAUSAL: gl.constexpr):
+    _two_consumer(0, o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, first_pos, n_steps,
+                  full_blocks, qk_scale, BLOCK_M // 2, BLOCK_N, HEAD_D, CAUSAL)
+
+
+@gluon.jit
+def _two_consumer_1(o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, first_pos, n_steps,
+                    full_blocks, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    CAUSAL: gl.constexpr):
+    _two_consumer(1, o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, first_pos, n_steps,
+                  full_blocks, qk_scale, BLOCK_M // 2, BLOCK_N, HEAD_D, CAUSAL)
+
+
+@gluon.jit
+def gluon_forward_two_consumers_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, qk_scale,
+                                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                       num_warps: gl.constexpr):
+    """BLOCK_M = 128 query rows a CTA (two halves of 64); launched with num_warps = 4 (the
+    default partition, consumer 0), plus 4 warps for consumer 1 and 1 for the loader."""
+    block = gl.program_id(0)
+    if CAUSAL:
+        block = gl.num_programs(0) - 1 - block
+    bh = gl.program_id(1)
+    q_row = bh * n_q + block * BLOCK_M
+    kv_row0 = bh * n_k
+    first_pos = block * BLOCK_M + n_k - n_q
+    n_steps = n_k // BLOCK_N
+    full_blocks = n_steps
+    if CAUSAL:
+        n_steps = gl.minimum(n_steps, (first_pos + BLOCK_M - 1) // BLOCK_N + 1)
+        full_blocks = (first_pos + 1) // BLOCK_N
+    q_smems = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    gl.warp_specialize([
+        (_two_consumer_0, (o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, first_pos, n_steps,
+                           full_blocks, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, CAUSAL)),
+        (_two_consumer_1, (o_desc, LSE, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, first_pos, n_steps,
+                           full_blocks, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, CAUSAL)),
+        (_two_loader, (q_desc, k_desc, v_desc, q_smems, k_bufs, v_bufs, q_bars, kv_ready, kv_empty, q_row, kv_row0,
+                       n_steps, BLOCK_M, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def descriptors(q, k, v, out, block_m, block_n):
     """2-D TMA descriptors over (B * H * N, D) of contiguous (B, H, N, D) fp16 tensors."""
     d = q.shape[-1]
@@ -352,7 +481,7 @@ def descriptors(q, k, v, out, block_m, block_n):
 
 
 def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, num_warps=8, warp_specialized=False,
-                  pipelined=False, causal=False, maxnreg=None):
+                  pipelined=False, causal=False, maxnreg=None, two_consumers=False, consumer_regs=232):
     """(out, lse) of non-causal attention; q, k, v contiguous fp16 (B, H, N, D).
     warp_specialized: the producer/consumer kernel (maxnreg 168: 12 warps of 168 registers fit
     the SM's 64 K, and the compiler moves the producer's to the consumers)."""
@@ -365,7 +494,12 @@ def gluon_forward(q, k, v, scale=None, block_m=128, block_n=128, num_stages=2, n
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     grid = (n_q // block_m, b * h)
-    if pipelined:
+    if two_consumers:
+        descs = descriptors(q, k, v, out, block_m // 2, block_n)
+        two_consumer_kernel = gluon_forward_two_consumers_kernel
+        two_consumer_kernel[grid](*descs, lse, n_q, n_k, scale * LOG2_E, block_m, block_n, d, num_stages, causal,
+                                  consumer_regs, num_warps=4, maxnreg=maxnreg or 224)
+    elif pipelined:
         gluon_forward_pipelined_kernel[grid](*descriptors(q, k, v, out, block_m, block_n), lse, n_q, n_k,
                                              scale * LOG2_E, block_m, block_n, d, num_stages, causal,
                                              num_warps=num_warps)
