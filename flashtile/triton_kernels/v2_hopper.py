@@ -118,6 +118,26 @@ def _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M: gl.constex
 
 
 @gluon.jit
+def _query_block(q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+    """A query-major program's (batch, head, K/V head, first query, first key block's row,
+    key blocks to visit, all_lo, all_hi). Programs run over (batch, head, query block), blocks
+    fastest; with a right edge (causal) the longest blocks first, as v2.py's `program_rows`."""
+    num_blocks = gl.cdiv(n_q, BLOCK_M)
+    bh = gl.program_id(0) // num_blocks
+    block = gl.program_id(0) % num_blocks
+    if WINDOW_RIGHT:
+        block = num_blocks - 1 - block
+    head = bh % q_heads
+    q_first = block * BLOCK_M
+    lo, all_lo, all_hi, hi = _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
+                                        WINDOW_LEFT, WINDOW_RIGHT)
+    kv_start = lo // BLOCK_N * BLOCK_N
+    n_steps = gl.maximum(gl.cdiv(hi - kv_start, BLOCK_N), 0)
+    return bh // q_heads, head, head // group, q_first, kv_start, n_steps, all_lo, all_hi
+
+
+@gluon.jit
 def _query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N: gl.constexpr,
                  WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
     """Queries that see some key of [k_first, k_first + BLOCK_N): (lo, all_lo, all_hi, hi), as
@@ -169,21 +189,8 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                               NUM_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                               SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
-    # Programs run over (batch, head, query block), blocks fastest; with a right edge (causal)
-    # the longest blocks first, as v2.py's `program_rows`.
-    num_blocks = gl.cdiv(n_q, BLOCK_M)
-    bh = gl.program_id(0) // num_blocks
-    block = gl.program_id(0) % num_blocks
-    if WINDOW_RIGHT:
-        block = num_blocks - 1 - block
-    batch = bh // q_heads
-    head = bh % q_heads
-    kv_head = head // group
-    q_first = block * BLOCK_M
-    lo, all_lo, all_hi, hi = _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                        WINDOW_LEFT, WINDOW_RIGHT)
-    kv_start = lo // BLOCK_N * BLOCK_N
-    n_steps = gl.maximum(gl.cdiv(hi - kv_start, BLOCK_N), 0)
+    batch, head, kv_head, q_first, kv_start, n_steps, all_lo, all_hi = _query_block(
+        q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -383,19 +390,8 @@ def _v2_hopper_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, L2, DELTA, st
                          SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
     """dQ of one query block (Algorithm 2, lines 10-15 with the loops swapped: this program
     owns dQ_i, so no other program writes it)."""
-    num_blocks = gl.cdiv(n_q, BLOCK_M)
-    bh = gl.program_id(0) // num_blocks
-    block = gl.program_id(0) % num_blocks
-    if WINDOW_RIGHT:
-        block = num_blocks - 1 - block
-    batch = bh // q_heads
-    head = bh % q_heads
-    kv_head = head // group
-    q_first = block * BLOCK_M
-    lo, all_lo, all_hi, hi = _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                        WINDOW_LEFT, WINDOW_RIGHT)
-    kv_start = lo // BLOCK_N * BLOCK_N
-    n_steps = gl.maximum(gl.cdiv(hi - kv_start, BLOCK_N), 0)
+    batch, head, kv_head, q_first, kv_start, n_steps, all_lo, all_hi = _query_block(
+        q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
