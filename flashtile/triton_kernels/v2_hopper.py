@@ -29,6 +29,8 @@ from ._common import LN_2, LOG2_E, Problem, device_capability
 
 NUM_WARPS = 8
 NUM_STAGES = 2
+FORWARD_WARPS = 8
+BACKWARD_STAGES = 2
 # (rows a program owns, rows it loops over) by kernel and head dim. Forward: the fastest of
 # BLOCK_N 64 / 128 on the H100 (results/h100/gluon_forward/).
 FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64)}
@@ -491,7 +493,7 @@ def v2_hopper_forward(q, k, v, problem: Problem):
     _v2_hopper_forward_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
         lse, lse.stride(0), lse.stride(1), problem.q_heads, problem.group, problem.n_q, problem.n_k,
-        *_features(problem), block_m, block_n, problem.head_dim, NUM_STAGES, *_flags(problem), num_warps=NUM_WARPS)
+        *_features(problem), block_m, block_n, problem.head_dim, NUM_STAGES, *_flags(problem), num_warps=FORWARD_WARPS)
     return out, lse
 
 
@@ -507,7 +509,7 @@ def v2_hopper_dq_dk_dv(q, k, v, d_out, lse2, delta, problem: Problem):
         _descriptor(q, queries_looped), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
         _descriptor(d_out, queries_looped), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
         lse2, delta, stride_sb, stride_sh, problem.kv_heads, problem.group, problem.n_q, problem.n_k, scale,
-        *_features(problem), keys_owned, queries_looped, problem.head_dim, NUM_STAGES, *_flags(problem),
+        *_features(problem), keys_owned, queries_looped, problem.head_dim, BACKWARD_STAGES, *_flags(problem),
         num_warps=NUM_WARPS)
     queries_owned, keys_looped = DQ_BLOCKS[problem.head_dim]
     grid = (problem.batch * problem.q_heads * ((problem.n_q + queries_owned - 1) // queries_owned),)
@@ -515,5 +517,5 @@ def v2_hopper_dq_dk_dv(q, k, v, d_out, lse2, delta, problem: Problem):
         _descriptor(q, queries_owned), _descriptor(k, keys_looped), _descriptor(v, keys_looped),
         _descriptor(d_out, queries_owned), _descriptor(dq, queries_owned), lse2, delta, stride_sb, stride_sh,
         problem.q_heads, problem.group, problem.n_q, problem.n_k, scale, *_features(problem), queries_owned,
-        keys_looped, problem.head_dim, NUM_STAGES, *_flags(problem), num_warps=NUM_WARPS)
+        keys_looped, problem.head_dim, BACKWARD_STAGES, *_flags(problem), num_warps=NUM_WARPS)
     return dq, dk, dv
