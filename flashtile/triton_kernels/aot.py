@@ -235,21 +235,20 @@ def check_variant(variant: Variant, resources: bool = False) -> Result:
 # ---------------------------------------------------------------------------------------
 
 HOPPER_FLAGS = tuple(itertools.product((False, True), repeat=3))  # (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-HOPPER_KERNELS = ("forward", "dkdv", "dq")
 
 
 def hopper_variants():
-    """(kernel, dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation
-    of v2_hopper.py's kernels."""
+    """(dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation of
+    v2_hopper.py's forward."""
     from . import v2_hopper
 
-    return [(kernel, dtype, head_dim, flags) for kernel in HOPPER_KERNELS for dtype in SHIPPED_DTYPES[90]
-            for head_dim in sorted(v2_hopper.FORWARD_BLOCKS) for flags in HOPPER_FLAGS]
+    return [(dtype, head_dim, flags) for dtype in SHIPPED_DTYPES[90] for head_dim in sorted(v2_hopper.FORWARD_BLOCKS)
+            for flags in HOPPER_FLAGS]
 
 
-def compile_hopper(kernel: str, dtype: str, head_dim: int, flags):
-    """Compile one of v2_hopper.py's Gluon kernels for sm_90, with the (1, 1, rows, D) TMA boxes
-    its launcher passes; returns Triton's CompiledKernel."""
+def compile_hopper(dtype: str, head_dim: int, flags):
+    """Compile v2_hopper.py's Gluon forward for sm_90, with the (1, 1, rows, D) TMA boxes its
+    launcher passes; returns Triton's CompiledKernel."""
     import inspect
 
     from triton.experimental.gluon import language as gl
@@ -258,31 +257,25 @@ def compile_hopper(kernel: str, dtype: str, head_dim: int, flags):
     from . import v2_hopper
 
     element = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
-    fn, blocks = {"forward": (v2_hopper._v2_hopper_forward_kernel, v2_hopper.FORWARD_BLOCKS),
-                  "dkdv": (v2_hopper._v2_hopper_dkdv_kernel, v2_hopper.DKDV_BLOCKS),
-                  "dq": (v2_hopper._v2_hopper_dq_kernel, v2_hopper.DQ_BLOCKS)}[kernel]
-    owned, looped = blocks[head_dim]
-    # Which descriptors box the owned rows: the forward's and dQ's Q, dO, O, dQ; dK/dV's K, V, dK, dV.
-    owned_names = {"k_desc", "v_desc", "dk_desc", "dv_desc"} if kernel == "dkdv" else {"q_desc", "do_desc", "o_desc",
-                                                                                       "dq_desc"}
+    fn = v2_hopper._v2_hopper_forward_kernel
+    block_m, block_n = v2_hopper.FORWARD_BLOCKS[head_dim]
 
     def box(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
         return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"
 
-    block_names = ("BLOCK_N", "BLOCK_M") if kernel == "dkdv" else ("BLOCK_M", "BLOCK_N")
-    constexprs = {block_names[0]: owned, block_names[1]: looped, "HEAD_D": head_dim,
-                  "NUM_STAGES": v2_hopper.NUM_STAGES, "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1],
-                  "SOFTCAP": flags[2], "num_warps": v2_hopper.NUM_WARPS}
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": head_dim, "NUM_STAGES": v2_hopper.NUM_STAGES,
+                  "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1], "SOFTCAP": flags[2],
+                  "num_warps": v2_hopper.NUM_WARPS}
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_desc"):
-            signature[name] = box(owned if name in owned_names else looped)
-        elif name in ("LSE", "L2", "DELTA"):
+        elif name.endswith("_desc"):  # Q and O boxed by the query rows, K and V by the key rows
+            signature[name] = box(block_m if name in ("q_desc", "o_desc") else block_n)
+        elif name == "LSE":
             signature[name] = "*fp32"
-        elif name in ("scale", "qk_scale", "softcap_log2"):
+        elif name in ("qk_scale", "softcap_log2"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

@@ -493,8 +493,6 @@ def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
     0.1-0.35 ms of a 1 ms call at small ones (docs/results.md, "Paired rounds")."""
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
     lse2, delta = v2_row_stats(out, d_out, lse, problem)
-    if v2_hopper is not None and v2_hopper.supports(q, k, v, problem):
-        return v2_hopper.v2_hopper_dq_dk_dv(q, k, v, d_out, lse2, delta, problem)
     dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](

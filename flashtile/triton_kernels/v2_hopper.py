@@ -1,21 +1,22 @@
-"""v2 for Hopper (sm_90) in Gluon: the same algorithm as v2.py (FlashAttention-2, Algorithm 1
-forward and Algorithm 2 backward in two deterministic passes, scores in log2 units), written
-with the machine's own moves, which `tl` leaves to the compiler:
+"""v2's forward for Hopper (sm_90) in Gluon: the same algorithm as v2.py's forward
+(FlashAttention-2, Algorithm 1, scores in log2 units), written with the machine's own moves,
+which `tl` leaves to the compiler:
 - tiles come in by TMA (tensor-memory-accelerator copies, one thread issues a whole tile) into
-  NVMMA-swizzled shared memory; the tiles a program loops over stream through a ring of
-  NUM_STAGES slots, each with an mbarrier that the copy completes;
-- every product is a warpgroup MMA (`wgmma`), the softmax-side operand (P, dS) straight from
-  registers, converted to the A-operand layout, never stored;
+  NVMMA-swizzled shared memory; K and V stream through a ring of NUM_STAGES slots, each with an
+  mbarrier that the copy completes;
+- both products are warpgroup MMAs (`wgmma`), P straight from registers, converted to the
+  A-operand layout, never stored;
 - 8 warps are two warpgroups, each owning half of the program's rows.
 Tiles are (1, 1, rows, D) boxes of the (B, H, N, D) tensors: rows past N read as zeros and
 are not written back, so any N works without a mask on the loads or stores.
-On the H100 the forward runs 15-24% faster than v2.py's at D 128 (docs/results.md, "A Hopper
-forward in Gluon"). It serves what TMA can address (`supports`); everything else runs v2.py.
+On the H100 this forward runs 10-25% faster than v2.py's (docs/results.md, "v2's forward in
+Gluon on Hopper"). It serves what TMA can address (`supports`); everything else runs v2.py.
+The backward stays v2.py's: a Gluon backward written the same way was slower (same section).
 
-Contracts: as v2.v2_forward (O contiguous, lse float32 natural log, -inf for a row that sees
-no key, whose O is 0) and as v2.py's dK/dV and dQ kernels (they read v2_row_stats's padded L,
-in log2 units, and D).
+Contract: as v2.v2_forward (O contiguous, lse float32 natural log, -inf for a row that sees no
+key, whose O is 0).
 """
+import functools
 import os
 
 import torch
@@ -29,20 +30,16 @@ from ._common import LN_2, LOG2_E, Problem, device_capability
 
 NUM_WARPS = 8
 NUM_STAGES = 2
-FORWARD_WARPS = 8
-BACKWARD_STAGES = 2
-# (rows a program owns, rows it loops over) by kernel and head dim. Forward: the fastest of
-# BLOCK_N 64 / 128 on the H100 (results/h100/gluon_forward/).
+# (query rows a program owns, key rows it loops over) by head dim: the fastest of (128 or 64
+# rows, 64 or 128 keys) on the H100 (results/h100/gluon_forward/sweep_configs.jsonl).
 FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64)}
-DKDV_BLOCKS = {64: (128, 64), 128: (128, 64)}  # keys owned, queries looped
-DQ_BLOCKS = {64: (128, 64), 128: (128, 64)}  # queries owned, keys looped
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
 def supports(q, k, v, problem: Problem) -> bool:
-    """True when these kernels can run the call: sm_90, dense, fp16 or bf16, D 64 or 128, and
+    """True when the Gluon forward can run the call: sm_90, dense, fp16 or bf16, D 64 or 128, and
     tensors TMA can address (last dim contiguous, 16-byte aligned base and strides).
-    FLASHTILE_GLUON=0 turns them off (v2.py's kernels everywhere), as FLASHTILE_PORTABLE=1 does."""
+    FLASHTILE_GLUON=0 turns it off (v2.py's kernels everywhere), as FLASHTILE_PORTABLE=1 does."""
     if os.environ.get("FLASHTILE_GLUON", "1") == "0":
         return False
     if problem.varlen or problem.head_dim not in FORWARD_BLOCKS or q.dtype not in GL_DTYPES:
@@ -122,7 +119,7 @@ def _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M: gl.constex
 @gluon.jit
 def _query_block(q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-    """A query-major program's (batch, head, K/V head, first query, first key block's row,
+    """A program's (batch, head, K/V head, first query, first key block's row,
     key blocks to visit, all_lo, all_hi). Programs run over (batch, head, query block), blocks
     fastest; with a right edge (causal) the longest blocks first, as v2.py's `program_rows`."""
     num_blocks = gl.cdiv(n_q, BLOCK_M)
@@ -137,25 +134,6 @@ def _query_block(q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M: g
     kv_start = lo // BLOCK_N * BLOCK_N
     n_steps = gl.maximum(gl.cdiv(hi - kv_start, BLOCK_N), 0)
     return bh // q_heads, head, head // group, q_first, kv_start, n_steps, all_lo, all_hi
-
-
-@gluon.jit
-def _query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N: gl.constexpr,
-                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-    """Queries that see some key of [k_first, k_first + BLOCK_N): (lo, all_lo, all_hi, hi), as
-    v2.py's `query_range`: key j is seen from positions [j - right, j + left]."""
-    offset = n_k - n_q
-    lo = 0
-    all_lo = 0
-    hi = n_q
-    all_hi = n_q
-    if WINDOW_RIGHT:
-        lo = gl.minimum(gl.maximum(k_first - window_right - offset, 0), n_q)
-        all_lo = k_first + BLOCK_N - 1 - window_right - offset
-    if WINDOW_LEFT:
-        hi = gl.minimum(gl.maximum(k_first + BLOCK_N - 1 + window_left - offset + 1, 0), n_q)
-        all_hi = gl.minimum(gl.maximum(k_first + window_left - offset + 1, 0), n_q)
-    return lo, all_lo, all_hi, hi
 
 
 @gluon.jit
@@ -275,213 +253,20 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
 
 
 # ---------------------------------------------------------------------------------------
-# Backward
+# Launcher
 # ---------------------------------------------------------------------------------------
 
-@gluon.jit
-def _v2_hopper_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, L2, DELTA, stride_sb, stride_sh,
-                           kv_heads, group, n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right,
-                           BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-                           NUM_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                           SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
-    """dK, dV of one key block of one K/V head (Algorithm 2, lines 6-18), key-major: S^T and
-    dP^T are BLOCK_N x BLOCK_M, so dK and dV stay in the program's row order. The group's
-    query heads (GQA) and their query blocks are one flat loop, in a fixed order: dK and dV are
-    the same sums, bit for bit, on every run."""
-    num_blocks = gl.cdiv(n_k, BLOCK_N)
-    bh = gl.program_id(0) // num_blocks
-    batch = bh // kv_heads
-    kv_head = bh % kv_heads
-    k_first = (gl.program_id(0) % num_blocks) * BLOCK_N
-    lo, all_lo, all_hi, hi = _query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
-                                          WINDOW_LEFT, WINDOW_RIGHT)
-    q_start = lo // BLOCK_M * BLOCK_M
-    blocks = gl.maximum(gl.cdiv(hi - q_start, BLOCK_M), 0)
-    n_steps = group * blocks
-    head0 = kv_head * group
+@functools.lru_cache(maxsize=None)
+def _box_layout(rows, head_dim, dtype):
+    """The shared-memory layout of a (1, 1, rows, D) box: cached, since working it out costs
+    about 9 us of host time, a descriptor's worth of launch time four times over."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], GL_DTYPES[dtype])
 
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, HEAD_D, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    st_rows: gl.constexpr = gl.SliceLayout(1, st_layout)
-    st_cols: gl.constexpr = gl.SliceLayout(0, st_layout)
-    dtype: gl.constexpr = q_desc.dtype
-
-    # Lines 6-7: load K_j, V_j (kept); dK_j = dV_j = 0. Q_i and dO_i stream through the ring.
-    k_box = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_box = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_boxes = _ring(q_desc, NUM_STAGES)
-    do_boxes = _ring(do_desc, NUM_STAGES)
-    kv_bar = _barriers(1)
-    bars = _barriers(NUM_STAGES)
-    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), k_box)
-    tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
-    for step in gl.static_range(NUM_STAGES - 1):
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head0 + step // gl.maximum(blocks, 1),
-                   q_start + step % gl.maximum(blocks, 1) * BLOCK_M, step, n_steps, NUM_STAGES)
-    k_tile = k_box.reshape([BLOCK_N, HEAD_D])
-    v_tile = v_box.reshape([BLOCK_N, HEAD_D])
-    dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=kv_layout)
-    keys = gl.expand_dims(k_first + gl.arange(0, BLOCK_N, layout=st_rows), 1)
-    mbarrier.wait(kv_bar.index(0), phase=0)
-
-    for step in range(n_steps):
-        slot = step % NUM_STAGES
-        member = step // blocks
-        q_first = q_start + (step - member * blocks) * BLOCK_M
-        ahead = step + NUM_STAGES - 1
-        gl.thread_barrier()
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head0 + ahead // blocks,
-                   q_start + ahead % blocks * BLOCK_M, ahead, n_steps, NUM_STAGES)
-        # Row statistics of these queries: L (log2 units) and D, padded (v2_row_stats): every
-        # block read lies inside them, and rows past Nq have L = +inf, so P = 0 there.
-        queries = q_first + gl.arange(0, BLOCK_M, layout=st_cols)
-        stats = (batch * stride_sb + (head0 + member) * stride_sh) + queries
-        lse = gl.load(L2 + stats)
-        delta = gl.load(DELTA + stats)
-        mbarrier.wait(bars.index(slot), phase=(step // NUM_STAGES) & 1)
-        q_tile = _tile(q_boxes, slot, BLOCK_M, HEAD_D)
-        do_tile = _tile(do_boxes, slot, BLOCK_M, HEAD_D)
-        # Line 10: S^T = K Q^T, in log2 units.
-        st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout),
-                           use_acc=False, is_async=True)
-        st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
-        scores_t, capped_t = _scores_in_log2(st, qk_scale, softcap_log2, SOFTCAP)
-        if (q_first < all_lo) | (q_first + BLOCK_M > all_hi):  # an edge of the window
-            visible = _visible(gl.expand_dims(queries + n_k - n_q, 0), keys, window_left, window_right,
-                               WINDOW_LEFT, WINDOW_RIGHT)
-            scores_t = gl.where(visible, scores_t, float("-inf"))
-        # Line 11: P = exp2(S - L); line 12: dV += P^T dO.
-        p_t = gl.exp2(scores_t - gl.expand_dims(lse, 0))
-        p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
-        dv = warpgroup_mma(p_operand, do_tile, dv, is_async=True)
-        if SOFTCAP:  # the softcap's derivative 1 - tanh^2, folded into P while dV's product runs
-            p_t = p_t * (1.0 - capped_t * capped_t)
-        # Line 13: dP^T = V dO^T; line 14: dS = P * (dP - D).
-        dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout),
-                            use_acc=False, is_async=True)
-        # P's registers stay the dV product's operand until it completes (deps keeps them live).
-        dv, dpt, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dpt, p_operand))
-        ds_t = p_t * (dpt - gl.expand_dims(delta, 0))
-        # Line 16: dK += dS^T Q (times scale, once at the end).
-        ds_operand = gl.convert_layout(ds_t.to(dtype), op_layout)
-        dk = warpgroup_mma(ds_operand, q_tile, dk, is_async=True)
-        dk, ds_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ds_operand))
-
-    _invalidate(kv_bar, 1)
-    _invalidate(bars, NUM_STAGES)
-    # Line 18: write dK_j (dS was taken w.r.t. the scaled scores: dK = scale dS^T Q) and dV_j,
-    # through the K and V tiles' shared memory, read no more.
-    k_tile.store((dk * scale).to(dtype))
-    v_tile.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [batch, kv_head, k_first, 0], k_box)
-    tma.async_copy_shared_to_global(dv_desc, [batch, kv_head, k_first, 0], v_box)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _v2_hopper_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, L2, DELTA, stride_sb, stride_sh,
-                         q_heads, group, n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right,
-                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                         SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
-    """dQ of one query block (Algorithm 2, lines 10-15 with the loops swapped: this program
-    owns dQ_i, so no other program writes it)."""
-    batch, head, kv_head, q_first, kv_start, n_steps, all_lo, all_hi = _query_block(
-        q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, HEAD_D, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
-    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-    dtype: gl.constexpr = q_desc.dtype
-
-    q_box = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    do_box = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
-    k_boxes = _ring(k_desc, NUM_STAGES)
-    v_boxes = _ring(v_desc, NUM_STAGES)
-    q_bar = _barriers(1)
-    kv_bars = _barriers(NUM_STAGES)
-    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [batch, head, q_first, 0], q_bar.index(0), q_box)
-    tma.async_copy_global_to_shared(do_desc, [batch, head, q_first, 0], q_bar.index(0), do_box)
-    for step in gl.static_range(NUM_STAGES - 1):
-        _load_pair(k_desc, v_desc, k_boxes, v_boxes, kv_bars, batch, kv_head, kv_start + step * BLOCK_N, step,
-                   n_steps, NUM_STAGES)
-    q_tile = q_box.reshape([BLOCK_M, HEAD_D])
-    do_tile = do_box.reshape([BLOCK_M, HEAD_D])
-    queries = q_first + gl.arange(0, BLOCK_M, layout=s_rows)
-    stats = (batch * stride_sb + head * stride_sh) + queries
-    lse = gl.expand_dims(gl.load(L2 + stats), 1)
-    delta = gl.expand_dims(gl.load(DELTA + stats), 1)
-    positions = gl.expand_dims(queries + n_k - n_q, 1)
-    dq = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=dq_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar.index(0), phase=0)
-
-    for step in range(n_steps):
-        slot = step % NUM_STAGES
-        kv_first = kv_start + step * BLOCK_N
-        gl.thread_barrier()
-        _load_pair(k_desc, v_desc, k_boxes, v_boxes, kv_bars, batch, kv_head, kv_first + (NUM_STAGES - 1) * BLOCK_N,
-                   step + NUM_STAGES - 1, n_steps, NUM_STAGES)
-        mbarrier.wait(kv_bars.index(slot), phase=(step // NUM_STAGES) & 1)
-        k_tile = _tile(k_boxes, slot, BLOCK_N, HEAD_D)
-        v_tile = _tile(v_boxes, slot, BLOCK_N, HEAD_D)
-        # S = Q K^T and dP = dO V^T, both issued before either is waited for.
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp = warpgroup_mma(do_tile, v_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-        scores, capped = _scores_in_log2(s, qk_scale, softcap_log2, SOFTCAP)
-        if (kv_first < all_lo) | (kv_first + BLOCK_N > all_hi):
-            keys = gl.expand_dims(kv_first + gl.arange(0, BLOCK_N, layout=s_cols), 0)
-            visible = _visible(positions, keys, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
-            scores = gl.where(visible & (keys < n_k), scores, float("-inf"))
-        p = gl.exp2(scores - lse)
-        ds = p * (dp - delta)
-        if SOFTCAP:
-            ds = ds * (1.0 - capped * capped)
-        # Line 15: dQ += dS K (times scale at the end).
-        ds_operand = gl.convert_layout(ds.to(dtype), op_layout)
-        dq = warpgroup_mma(ds_operand, k_tile, dq, is_async=True)
-        dq, ds_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_operand))
-
-    _invalidate(q_bar, 1)
-    _invalidate(kv_bars, NUM_STAGES)
-    q_tile.store((dq * scale).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dq_desc, [batch, head, q_first, 0], q_box)
-    tma.store_wait(pendings=0)
-
-
-# ---------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------
 
 def _descriptor(t, rows):
     """A TMA descriptor over a (B, H, N, D) tensor, boxes of (1, 1, rows, D)."""
-    box = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(box, GL_DTYPES[t.dtype])
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
-
-
-def _features(problem: Problem):
-    """The scalar and constexpr arguments every kernel here takes after n_q, n_k (or scale)."""
-    args = problem.kernel_args
-    return (args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"])
-
-
-def _flags(problem: Problem):
-    args = problem.kernel_args
-    return (args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]],
+                            _box_layout(rows, t.shape[-1], t.dtype))
 
 
 def v2_hopper_forward(q, k, v, problem: Problem):
@@ -490,32 +275,11 @@ def v2_hopper_forward(q, k, v, problem: Problem):
     lse = torch.empty(problem.stat_shape(q), device=q.device, dtype=torch.float32)
     block_m, block_n = FORWARD_BLOCKS[problem.head_dim]
     grid = (problem.batch * problem.q_heads * ((problem.n_q + block_m - 1) // block_m),)
+    args = problem.kernel_args
     _v2_hopper_forward_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
         lse, lse.stride(0), lse.stride(1), problem.q_heads, problem.group, problem.n_q, problem.n_k,
-        *_features(problem), block_m, block_n, problem.head_dim, NUM_STAGES, *_flags(problem), num_warps=FORWARD_WARPS)
-    return out, lse
-
-
-def v2_hopper_dq_dk_dv(q, k, v, d_out, lse2, delta, problem: Problem):
-    """dQ, dK, dV (contiguous, their inputs' shapes) from v2_row_stats's (L, D), as v2.py's dK/dV
-    and dQ kernels; q, k, v as `supports` accepted them, d_out contiguous."""
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    scale = problem.scale
-    stride_sb, stride_sh = lse2.stride(0), lse2.stride(1)
-    keys_owned, queries_looped = DKDV_BLOCKS[problem.head_dim]
-    grid = (problem.batch * problem.kv_heads * ((problem.n_k + keys_owned - 1) // keys_owned),)
-    _v2_hopper_dkdv_kernel[grid](
-        _descriptor(q, queries_looped), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
-        _descriptor(d_out, queries_looped), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
-        lse2, delta, stride_sb, stride_sh, problem.kv_heads, problem.group, problem.n_q, problem.n_k, scale,
-        *_features(problem), keys_owned, queries_looped, problem.head_dim, BACKWARD_STAGES, *_flags(problem),
+        args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"],
+        block_m, block_n, problem.head_dim, NUM_STAGES, args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"],
         num_warps=NUM_WARPS)
-    queries_owned, keys_looped = DQ_BLOCKS[problem.head_dim]
-    grid = (problem.batch * problem.q_heads * ((problem.n_q + queries_owned - 1) // queries_owned),)
-    _v2_hopper_dq_kernel[grid](
-        _descriptor(q, queries_owned), _descriptor(k, keys_looped), _descriptor(v, keys_looped),
-        _descriptor(d_out, queries_owned), _descriptor(dq, queries_owned), lse2, delta, stride_sb, stride_sh,
-        problem.q_heads, problem.group, problem.n_q, problem.n_k, scale, *_features(problem), queries_owned,
-        keys_looped, problem.head_dim, BACKWARD_STAGES, *_flags(problem), num_warps=NUM_WARPS)
-    return dq, dk, dv
+    return out, lse

@@ -1,6 +1,8 @@
 """On an H100: v2 with the Gluon forward (v2_hopper.py) against v2 with FLASHTILE_GLUON=0 and
 cuDNN, in one process, interleaved rounds; TFLOP/s forward and forward+backward by the
-benchmark's timer. Usage: python prototypes/ab_hopper_forward.py [ROUNDS] > FILE.jsonl"""
+benchmark's timer. Usage:
+python results/h100/gluon_forward/ab_hopper_forward.py [ROUNDS [LABEL_PART]] > FILE.jsonl
+(LABEL_PART: only the points whose label contains it)"""
 import json
 import os
 import statistics
@@ -19,8 +21,13 @@ POINTS = [  # (label, batch, heads_q, heads_kv, n, d, dtype, options)
     ("GQA 32/4 N16384 causal", 1, 32, 4, 16384, 128, torch.float16, dict(causal=True)),
     ("window 4096 N16384", 1, 16, 16, 16384, 128, torch.float16, dict(causal=True, window_size=(4095, 0))),
     ("softcap 50 N4096 causal", 4, 16, 16, 4096, 128, torch.float16, dict(causal=True, softcap=50.0)),
+    # Next to no GPU work: the time per call is the host's (launch path, descriptors).
+    ("host floor B1 H2 N128 D64", 1, 2, 2, 128, 64, torch.float16, dict()),
 ]
+ONLY = sys.argv[2] if len(sys.argv) > 2 else ""
 for label, b, hq, hkv, n, d, dtype, options in POINTS:
+    if ONLY not in label:
+        continue
     inputs, d_out = random_inputs(b, hq, n, d, dtype, "cuda", heads_kv=hkv)
     flops = workload_flops(b, hq, n, n, d, options.get("causal", False), options.get("window_size", (-1, -1)))
     contenders = {"gluon": ("v2", "1"), "v2": ("v2", "0")}
