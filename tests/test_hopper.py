@@ -14,6 +14,16 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HOPPER or v2.v2_hopper is None, reason="needs sm_90 and Gluon")]
 
 
+MIN_WORK = v2.v2_hopper.MIN_WORK if v2.v2_hopper is not None else None
+
+
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """The kernel at small shapes too: below MIN_WORK it serves no call (the last test here)."""
+    if v2.v2_hopper is not None:
+        monkeypatch.setattr(v2.v2_hopper, "MIN_WORK", 0)
+
+
 def served(q, k, cu_seqlens=None, max_seqlen=None, **options):
     """Whether the Hopper kernel would serve attention(q, k, k, **options)."""
     window = options.get("window", (-1, -1))
@@ -88,3 +98,14 @@ def test_matches_the_portable_kernels(monkeypatch):
     assert os.environ["FLASHTILE_GLUON"] == "0"
     for name in ("out", "lse", "dq", "dk", "dv"):
         torch.testing.assert_close(hopper[name], portable[name], atol=1e-4 if name == "lse" else 3e-2, rtol=0)
+
+
+def test_small_calls_stay_on_the_portable_kernel(monkeypatch):
+    """Host-bound calls, below MIN_WORK, run v2.py's forward, whose launch is cheaper."""
+    monkeypatch.setattr(v2.v2_hopper, "MIN_WORK", MIN_WORK)
+    small = torch.empty(1, 2, 128, 64, dtype=torch.float16, device="cuda")
+    assert not served(small, small)
+    window = torch.empty(1, 16, 16384, 128, dtype=torch.float16, device="cuda")
+    assert not served(window, window, window=(255, 0))  # a 256-key window, H 16
+    assert served(window, window, window=(1023, 0))
+    assert served(window, window)

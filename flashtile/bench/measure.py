@@ -55,6 +55,19 @@ def wall_ms(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
+def keep_busy(fn, device, seconds=0.5):
+    """On a GPU, call fn() until `seconds` have passed, then synchronise. After the seconds a
+    first call spends compiling, with the GPU idle, the first timing that followed ran slow
+    (v2 at N 1024 up to 2x below a later round: docs/results.md, "v2's forward in Gluon").
+    Nothing on the CPU."""
+    if device != "cuda":
+        return
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+    synchronize(device)
+
+
 def gradient_like(out, d_out):
     """d_out's values in out's memory layout: the gradient an upstream op hands back usually
     has the layout of what it was given (a packed (total, H, D) output gets a packed gradient),
@@ -110,6 +123,7 @@ def measure_speed(fn, inputs, d_out, device, flops, cpu_reps=3):
     try:
         row["first_call_ms"] = wall_ms(lambda: fn(*inputs).backward(d_out), device)
         d_out = gradient_like(fn(*inputs), d_out)
+        keep_busy(lambda: fn(*inputs).backward(d_out), device)
     except Exception as error:  # noqa: BLE001 - any failure of the measured code is a result
         row["fwd_bwd_error"] = failure(error)
     for t in inputs:

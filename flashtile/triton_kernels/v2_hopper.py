@@ -34,13 +34,22 @@ NUM_STAGES = 2
 # rows, 64 or 128 keys) on the H100 (results/h100/gluon_forward/sweep_configs.jsonl).
 FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64)}
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+# Work (query rows x the keys one query sees x D, a quarter of the forward's FLOPs without a
+# causal mask) below which v2.py's kernel serves the call: there the call is bound by host time,
+# and launching this kernel costs about 50 us more of it (0.148 against 0.097 ms a forward at
+# B 1, H 2, N 128 on the H100, results/h100/gluon_forward/ab_host.jsonl). 2^34 is a 256-key
+# window at N 16384, H 32, D 128: below it, the Gluon forward's 10-25% saves less than 50 us.
+MIN_WORK = 2 ** 34
 
 
 def supports(q, k, v, problem: Problem) -> bool:
-    """True when the Gluon forward can run the call: sm_90, dense, fp16 or bf16, D 64 or 128, and
-    tensors TMA can address (last dim contiguous, 16-byte aligned base and strides).
-    FLASHTILE_GLUON=0 turns it off (v2.py's kernels everywhere), as FLASHTILE_PORTABLE=1 does."""
+    """True when the Gluon forward can run the call and is worth its launch: sm_90, dense, fp16
+    or bf16, D 64 or 128, at least MIN_WORK of work, and tensors TMA can address (last dim
+    contiguous, 16-byte aligned base and strides). FLASHTILE_GLUON=0 turns it off (v2.py's
+    kernels everywhere), as FLASHTILE_PORTABLE=1 does."""
     if os.environ.get("FLASHTILE_GLUON", "1") == "0":
+        return False
+    if problem.batch * problem.q_heads * problem.n_q * problem.keys_seen() * problem.head_dim < MIN_WORK:
         return False
     if problem.varlen or problem.head_dim not in FORWARD_BLOCKS or q.dtype not in GL_DTYPES:
         return False

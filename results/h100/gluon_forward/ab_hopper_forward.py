@@ -44,4 +44,5 @@ for label, b, hq, hkv, n, d, dtype, options in POINTS:
     row = dict(point=label, rounds=ROUNDS, device=torch.cuda.get_device_name())
     for (name, mode), t in times.items():
         row[f"{name}_{mode}_tflops"] = round(flops[mode] / statistics.median(t) / 1e9, 1)
+        row[f"{name}_{mode}_ms"] = round(statistics.median(t), 4)
     print(json.dumps(row), flush=True)
