@@ -9,9 +9,10 @@ which `tl` leaves to the compiler:
 - 8 warps are two warpgroups, each owning half of the program's rows.
 Tiles are (1, 1, rows, D) boxes of the (B, H, N, D) tensors: rows past N read as zeros and
 are not written back, so any N works without a mask on the loads or stores.
-On the H100 this forward runs 10-25% faster than v2.py's (docs/results.md, "v2's forward in
-Gluon on Hopper"). It serves what TMA can address (`supports`); everything else runs v2.py.
-The backward stays v2.py's: a Gluon backward written the same way was slower (same section).
+On the H100 this forward runs 8-21% faster than v2.py's at N >= 4096 (docs/results.md,
+"v2's forward in Gluon on Hopper"). It serves what TMA can address and what is not too small
+to be worth its launch (`supports`); everything else runs v2.py. The backward stays v2.py's:
+a Gluon backward written the same way was slower (same section).
 
 Contract: as v2.v2_forward (O contiguous, lse float32 natural log, -inf for a row that sees no
 key, whose O is 0).
