@@ -27,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._common import LN_2, LOG2_E, Problem, device_capability
+from ._common import LN_2, Problem, device_capability, is_visible, key_range, tanh
 
 NUM_WARPS = 8
 NUM_STAGES = 2
@@ -106,27 +106,6 @@ def _tile(boxes, slot, rows: gl.constexpr, HEAD_D: gl.constexpr):
 
 
 @gluon.jit
-def _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M: gl.constexpr,
-               WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-    """Keys that the queries [q_first, q_first + BLOCK_M) see: (lo, all_lo, all_hi, hi), as
-    v2.py's `key_range`: query i at p = i + Nk - Nq sees [p - left, p + right]; every query of
-    the block sees [all_lo, all_hi)."""
-    first_pos = q_first + n_k - n_q
-    last_pos = first_pos + BLOCK_M - 1
-    lo = 0
-    hi = n_k
-    all_lo = 0
-    all_hi = n_k
-    if WINDOW_LEFT:
-        lo = gl.maximum(first_pos - window_left, 0)
-        all_lo = last_pos - window_left
-    if WINDOW_RIGHT:
-        hi = gl.minimum(gl.maximum(last_pos + window_right + 1, 0), n_k)
-        all_hi = gl.minimum(gl.maximum(first_pos + window_right + 1, 0), n_k)
-    return lo, all_lo, all_hi, hi
-
-
-@gluon.jit
 def _query_block(q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
     """A program's (batch, head, K/V head, first query, first key block's row,
@@ -139,34 +118,10 @@ def _query_block(q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M: g
         block = num_blocks - 1 - block
     head = bh % q_heads
     q_first = block * BLOCK_M
-    lo, all_lo, all_hi, hi = _key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                        WINDOW_LEFT, WINDOW_RIGHT)
+    lo, all_lo, all_hi, hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT)
     kv_start = lo // BLOCK_N * BLOCK_N
     n_steps = gl.maximum(gl.cdiv(hi - kv_start, BLOCK_N), 0)
     return bh // q_heads, head, head // group, q_first, kv_start, n_steps, all_lo, all_hi
-
-
-@gluon.jit
-def _scores_in_log2(qk, qk_scale, softcap_log2, SOFTCAP: gl.constexpr):
-    """S in log2 units from q.k, and tanh(qk_scale q.k) (what the softcap's derivative needs),
-    as v2.py's `scores_in_log2`: c tanh(scale q.k / c) log2(e) = softcap_log2 tanh(qk_scale q.k),
-    tanh(x) = 1 - 2 / (1 + e^{2x})."""
-    if SOFTCAP:
-        capped = 1.0 - 2.0 / (1.0 + gl.exp2(qk * (qk_scale * 2.0 * LOG2_E)))
-        return capped * softcap_log2, capped
-    return qk * qk_scale, qk
-
-
-@gluon.jit
-def _visible(position, key, window_left, window_right, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-    """Bool tile: the query at `position` sees key `key` (index tensors that broadcast to the
-    tile: query-major S or key-major S^T alike)."""
-    visible = key >= 0
-    if WINDOW_LEFT:
-        visible = visible & (key >= position - window_left)
-    if WINDOW_RIGHT:
-        visible = visible & (key <= position + window_right)
-    return visible
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +165,7 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
     row_sum = gl.zeros([BLOCK_M], gl.float32, layout=s_rows)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    positions = q_first + n_k - n_q + gl.arange(0, BLOCK_M, layout=s_rows)
+    queries = gl.expand_dims(q_first + gl.arange(0, BLOCK_M, layout=s_rows), 1)
     mbarrier.wait(q_bar.index(0), phase=0)
 
     for step in range(n_steps):
@@ -226,13 +181,15 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
         # Line 8: S = Q K^T (K^T a permuted view of the K tile), in log2 units.
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        scores, _ = _scores_in_log2(s, qk_scale, softcap_log2, SOFTCAP)
+        # In log2 units; with a softcap c, c tanh(scale q.k / c) log2(e) (v2.py's scores_in_log2).
+        scores = s * qk_scale
+        if SOFTCAP:
+            scores = tanh(scores) * softcap_log2
         # Mask the blocks that cross an edge of what every query sees, or the end of K.
         if (kv_first < all_lo) | (kv_first + BLOCK_N > all_hi):
             keys = gl.expand_dims(kv_first + gl.arange(0, BLOCK_N, layout=s_cols), 0)
-            visible = _visible(gl.expand_dims(positions, 1), keys, window_left, window_right, WINDOW_LEFT,
-                               WINDOW_RIGHT)
-            scores = gl.where(visible & (keys < n_k), scores, float("-inf"))
+            visible = is_visible(queries, keys, n_q, n_k, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            scores = gl.where(visible, scores, float("-inf"))
         # Line 9: m_new = max(m, rowmax(S)), P~ = exp2(S - m_new), l = exp2(m - m_new) l + rowsum(P~).
         # A row that has seen no key keeps m = -inf and shifts by 0: P~ and the correction are 0.
         new_max = gl.maximum(row_max, gl.max(scores, 1))
