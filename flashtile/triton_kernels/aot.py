@@ -251,18 +251,17 @@ def compile_hopper(dtype: str, head_dim: int, flags):
     launcher passes; returns Triton's CompiledKernel."""
     import inspect
 
-    from triton.experimental.gluon import language as gl
+    import torch
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import v2_hopper
 
-    element = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
+    element = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     fn = v2_hopper._v2_hopper_forward_kernel
     block_m, block_n = v2_hopper.FORWARD_BLOCKS[head_dim]
 
-    def box(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
-        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"
+    def box(rows):  # the launcher's own box layout (`_box_layout`)
+        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{v2_hopper._box_layout(rows, head_dim, element)!r}>"
 
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": head_dim, "NUM_STAGES": v2_hopper.NUM_STAGES,
                   "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1], "SOFTCAP": flags[2],

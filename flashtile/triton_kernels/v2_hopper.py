@@ -71,7 +71,7 @@ def tma_addressable(t) -> bool:
 @gluon.jit
 def _load_pair(a_desc, b_desc, a_boxes, b_boxes, bars, batch, head, row, step, n_steps, NUM_STAGES: gl.constexpr):
     """Issue the TMA copies of the (1, 1, rows, D) boxes at (batch, head, row) of two tensors
-    (K and V, or Q and dO) into slot step % NUM_STAGES; nothing when step >= n_steps."""
+    (K and V) into slot step % NUM_STAGES; nothing when step >= n_steps."""
     slot = step % NUM_STAGES
     pred = step < n_steps
     mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
