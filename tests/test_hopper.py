@@ -73,7 +73,7 @@ SHAPES = [(1, 1), (17, 17), (113, 200), (1023, 1023), (300, 129), (256, 16)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("n_q,n_k", SHAPES)
 @pytest.mark.parametrize("groups", [1, 4])

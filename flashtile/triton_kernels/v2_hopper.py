@@ -33,7 +33,8 @@ NUM_WARPS = 8
 NUM_STAGES = 2
 # (query rows a program owns, key rows it loops over) by head dim: the fastest of (128 or 64
 # rows, 64 or 128 keys) on the H100 (results/h100/gluon_forward/sweep_configs.jsonl).
-FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64)}
+FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64),
+                  256: (128, 64)}  # D 256: 204 registers, 197 KB shared (not yet timed)
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 # Work (query rows x the keys one query sees x D, a quarter of the forward's FLOPs without a
 # causal mask) below which v2.py's kernel serves the call: there the call is bound by host time,
@@ -45,7 +46,7 @@ MIN_WORK = 2 ** 34
 
 def supports(q, k, v, problem: Problem) -> bool:
     """True when the Gluon forward can run the call and is worth its launch: sm_90, dense, fp16
-    or bf16, D 64 or 128, at least MIN_WORK of work, and tensors TMA can address (last dim
+    or bf16, D 64, 128 or 256, at least MIN_WORK of work, and tensors TMA can address (last dim
     contiguous, 16-byte aligned base and strides). FLASHTILE_GLUON=0 turns it off (v2.py's
     kernels everywhere), as FLASHTILE_PORTABLE=1 does."""
     if os.environ.get("FLASHTILE_GLUON", "1") == "0":

@@ -16,7 +16,7 @@ from flashtile.bench.measure import random_inputs, time_ms, workload_flops
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 POINTS = [  # (label, batch, heads_q, heads_kv, n, d, dtype, options)
     *[(f"D{d} N{n}{' causal' if c else ''}", 16384 // n, 2048 // d, 2048 // d, n, d, torch.float16, dict(causal=c))
-      for d in (64, 128) for n in (1024, 4096, 16384) for c in (False, True)],
+      for d in (64, 128, 256) for n in (1024, 4096, 16384) for c in (False, True)],
     ("D128 N4096 causal bf16", 4, 16, 16, 4096, 128, torch.bfloat16, dict(causal=True)),
     ("GQA 32/4 N16384 causal", 1, 32, 4, 16384, 128, torch.float16, dict(causal=True)),
     ("window 4096 N16384", 1, 16, 16, 16384, 128, torch.float16, dict(causal=True, window_size=(4095, 0))),
