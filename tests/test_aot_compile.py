@@ -59,22 +59,16 @@ def _hopper_variants():
         return []
 
 
-@pytest.mark.parametrize("kernel,dtype,head_dim,flags", _hopper_variants(), ids=str)
-def test_hopper_kernels_compile_for_sm90(kernel, dtype, head_dim, flags):
-    """v2_hopper.py's Gluon kernels, every specialisation: a cubin within sm_90's shared memory,
-    with wgmma products, TMA copies and no registers spilled beyond HOPPER_SPILLS."""
+@pytest.mark.parametrize("dtype,head_dim,flags", _hopper_variants(), ids=str)
+def test_hopper_forward_compiles_for_sm90(dtype, head_dim, flags):
+    """v2_hopper.py's Gluon forward, every specialisation: a cubin within sm_90's shared memory,
+    with wgmma products, TMA copies and no registers spilled."""
     from flashtile.triton_kernels._common import SHARED_MEMORY_LIMIT
     from flashtile.triton_kernels.aot import compile_hopper, cubin_resources
 
-    compiled = compile_hopper(kernel, dtype, head_dim, flags)
+    compiled = compile_hopper(dtype, head_dim, flags)
     assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[90]
     ptx = compiled.asm["ptx"]
     assert tensor_core_instructions(ptx, 90) > 0 and "cp.async.bulk.tensor" in ptx
     registers, stack = cubin_resources(compiled.asm["cubin"])
-    allowed = HOPPER_SPILLS.get((kernel, head_dim), 0)
-    assert stack == "?" or int(stack) <= allowed, f"{stack} bytes of stack: registers spilled"
-
-
-# Spills known: the one-pass backward at D 128 holds dK, dV (128 x 128 float32 each), S^T,
-# dP^T and a slice of dQ's share at once (255 registers; 16-112 bytes of stack by flags).
-HOPPER_SPILLS = {("atomic_backward", 128): 112}
+    assert stack == "?" or int(stack) == 0, f"{stack} bytes of stack: registers spilled"

@@ -109,34 +109,3 @@ def test_small_calls_stay_on_the_portable_kernel(monkeypatch):
     assert not served(window, window, window=(255, 0))  # a 256-key window, H 16
     assert served(window, window, window=(1023, 0))
     assert served(window, window)
-
-
-def test_the_atomic_backward_runs(monkeypatch):
-    """v2_atomic's served backward launches the Gluon one-pass kernel (the parity below is not
-    vacuous)."""
-    q, k, v = make_qkv(1, 2, 128, 128, 64, torch.float16, device="cuda", requires_grad=True)
-    launched = []
-    real = v2.v2_hopper.v2_hopper_atomic_backward
-    monkeypatch.setattr(v2.v2_hopper, "v2_hopper_atomic_backward",
-                        lambda *args: launched.append("gluon") or real(*args))
-    from flashtile import attention
-    attention(q, k, v, causal=True, impl="v2_atomic").sum().backward()
-    assert launched == ["gluon"]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("feature", sorted(FEATURES))
-@pytest.mark.parametrize("n_q,n_k", [(1, 1), (113, 200), (1023, 1023), (300, 129)])
-@pytest.mark.parametrize("groups", [1, 4])
-def test_atomic_backward_against_float64(dtype, head_dim, feature, n_q, n_k, groups):
-    options = dict(FEATURES[feature])
-    causal = options.pop("causal", False)
-    q, k, v = make_qkv(2, 4, n_q, n_k, head_dim, dtype, device="cuda", seed=n_q + n_k, kv_heads=4 // groups,
-                       requires_grad=True)
-    window = options.get("window_size", (-1, -1))
-    problem = _common.Problem.of(q, k, None, None, None, None, head_dim ** -0.5, window[0],
-                                 0 if causal else window[1], options.get("softcap", 0.0))
-    assert v2.v2_hopper.supports_atomic_backward(q, k, v, problem)
-    grad_out = make_grad_out(2, 4, n_q, head_dim, dtype, device="cuda")
-    check_attention(q, k, v, causal, impl="v2_atomic", grad_out=grad_out, **options)

@@ -235,22 +235,20 @@ def check_variant(variant: Variant, resources: bool = False) -> Result:
 # ---------------------------------------------------------------------------------------
 
 HOPPER_FLAGS = tuple(itertools.product((False, True), repeat=3))  # (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-HOPPER_KERNELS = ("forward", "atomic_backward")
 
 
 def hopper_variants():
-    """(kernel, dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation of
-    v2_hopper.py's kernels."""
+    """(dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation of
+    v2_hopper.py's forward."""
     from . import v2_hopper
 
-    blocks = {"forward": v2_hopper.FORWARD_BLOCKS, "atomic_backward": v2_hopper.ATOMIC_BACKWARD_BLOCKS}
-    return [(kernel, dtype, head_dim, flags) for kernel in HOPPER_KERNELS for dtype in SHIPPED_DTYPES[90]
-            for head_dim in sorted(blocks[kernel]) for flags in HOPPER_FLAGS]
+    return [(dtype, head_dim, flags) for dtype in SHIPPED_DTYPES[90] for head_dim in sorted(v2_hopper.FORWARD_BLOCKS)
+            for flags in HOPPER_FLAGS]
 
 
-def compile_hopper(kernel: str, dtype: str, head_dim: int, flags):
-    """Compile one of v2_hopper.py's Gluon kernels for sm_90, with the (1, 1, rows, D) TMA boxes
-    its launcher passes; returns Triton's CompiledKernel."""
+def compile_hopper(dtype: str, head_dim: int, flags):
+    """Compile v2_hopper.py's Gluon forward for sm_90, with the (1, 1, rows, D) TMA boxes its
+    launcher passes; returns Triton's CompiledKernel."""
     import inspect
 
     import torch
@@ -259,28 +257,24 @@ def compile_hopper(kernel: str, dtype: str, head_dim: int, flags):
     from . import v2_hopper
 
     element = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    if kernel == "forward":  # Q and O boxed by the query rows a program owns, K and V by the key rows
-        fn, (owned, looped) = v2_hopper._v2_hopper_forward_kernel, v2_hopper.FORWARD_BLOCKS[head_dim]
-        names, owned_boxes = ("BLOCK_M", "BLOCK_N"), ("q_desc", "o_desc")
-    else:  # K, V, dK, dV boxed by the key rows a program owns, Q and dO by the query rows
-        fn, (owned, looped) = v2_hopper._v2_hopper_atomic_backward_kernel, v2_hopper.ATOMIC_BACKWARD_BLOCKS[head_dim]
-        names, owned_boxes = ("BLOCK_N", "BLOCK_M"), ("k_desc", "v_desc", "dk_desc", "dv_desc")
+    fn = v2_hopper._v2_hopper_forward_kernel
+    block_m, block_n = v2_hopper.FORWARD_BLOCKS[head_dim]
 
     def box(rows):  # the launcher's own box layout (`_box_layout`)
         return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{v2_hopper._box_layout(rows, head_dim, element)!r}>"
 
-    constexprs = {names[0]: owned, names[1]: looped, "HEAD_D": head_dim, "NUM_STAGES": v2_hopper.NUM_STAGES,
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": head_dim, "NUM_STAGES": v2_hopper.NUM_STAGES,
                   "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1], "SOFTCAP": flags[2],
                   "num_warps": v2_hopper.NUM_WARPS}
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_desc"):
-            signature[name] = box(owned if name in owned_boxes else looped)
-        elif name in ("LSE", "L2", "DELTA", "DQ_ACC"):
+        elif name.endswith("_desc"):  # Q and O boxed by the query rows, K and V by the key rows
+            signature[name] = box(block_m if name in ("q_desc", "o_desc") else block_n)
+        elif name == "LSE":
             signature[name] = "*fp32"
-        elif name in ("scale", "qk_scale", "softcap_log2"):
+        elif name in ("qk_scale", "softcap_log2"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

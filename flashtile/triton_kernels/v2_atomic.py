@@ -5,7 +5,7 @@ writes it: one program per key block computes dK and dV over all query blocks an
 same pass, adds its contribution dQ_i += scale * dS_ij K_j to every query row it touches
 (line 15, "Load dQ_i from HBM ... update ... write back", done here with atomic adds into a
 float32 buffer, as in the paper's implementation). It is v2's dK/dV kernel compiled with
-ATOMIC_DQ; on Hopper, v2_hopper.py's Gluon version of it where it serves the call.
+ATOMIC_DQ.
 
 Against v2's deterministic backward this computes S and dP once instead of twice (5 matmuls
 instead of 7) and needs no separate dQ kernel, at the cost of
@@ -25,10 +25,7 @@ def v2_atomic_backward(d_out, q, k, v, out, lse, problem: Problem):
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
     lse2, delta = v2_row_stats(out, d_out, lse, problem)
     dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    if v2.v2_hopper is not None and v2.v2_hopper.supports_atomic_backward(q, k, v, problem):
-        dk, dv = v2.v2_hopper.v2_hopper_atomic_backward(q, k, v, d_out, lse2, delta, problem, dq_accum)
-    else:
-        dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem, dq_accum=dq_accum)
+    dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem, dq_accum=dq_accum)
     return dq_accum.to(q.dtype), dk, dv
 
 

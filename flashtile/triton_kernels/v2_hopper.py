@@ -11,15 +11,11 @@ Tiles are (1, 1, rows, D) boxes of the (B, H, N, D) tensors: rows past N read as
 are not written back, so any N works without a mask on the loads or stores.
 On the H100 this forward runs 8-21% faster than v2.py's at N >= 4096 (docs/results.md,
 "v2's forward in Gluon on Hopper"). It serves what TMA can address and what is not too small
-to be worth its launch (`supports`); everything else runs v2.py. v2's backward stays v2.py's:
-a Gluon two-pass backward written the same way was slower (same section).
+to be worth its launch (`supports`); everything else runs v2.py. The backward stays v2.py's:
+a Gluon backward written the same way was slower (same section).
 
-v2_atomic's one-pass backward (Algorithm 2 as written, dQ added with float32 atomics) is here
-too, in the same style (`v2_hopper_atomic_backward`): it computes S and dP once, 5 products
-where v2's two passes compute 7.
-
-Contracts: as v2.v2_forward (O contiguous, lse float32 natural log, -inf for a row that sees no
-key, whose O is 0) and as v2.dkdv with a dq_accum.
+Contract: as v2.v2_forward (O contiguous, lse float32 natural log, -inf for a row that sees no
+key, whose O is 0).
 """
 import functools
 import os
@@ -31,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._common import LN_2, Problem, device_capability, is_visible, key_range, query_range, tanh
+from ._common import LN_2, Problem, device_capability, is_visible, key_range, tanh
 
 NUM_WARPS = 8
 NUM_STAGES = 2
@@ -225,148 +221,6 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
 
 
 # ---------------------------------------------------------------------------------------
-# Backward in one pass (v2_atomic)
-# ---------------------------------------------------------------------------------------
-
-@gluon.jit
-def _v2_hopper_atomic_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, L2, DELTA, DQ_ACC,
-                                      stride_sb, stride_sh, stride_qb, stride_qh, stride_qn,
-                                      kv_heads, group, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
-                                      window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                                      HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                                      WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
-    """dK, dV of one key block of one K/V head and its share of dQ (Algorithm 2 of FlashAttention-2
-    as written: lines 6-18, dQ_i += dS_i K_j added into a float32 buffer with atomics), key-major:
-    S^T and dP^T are BLOCK_N x BLOCK_M. One pass computes S and dP once, 5 products where v2's two
-    passes compute 7; the atomics make the sum's order, and so dQ's last bits, vary from run to run.
-    The group's query heads (GQA) and their query blocks are one flat loop."""
-    num_blocks = gl.cdiv(n_k, BLOCK_N)
-    bh = gl.program_id(0) // num_blocks
-    batch = bh // kv_heads
-    kv_head = bh % kv_heads
-    k_first = (gl.program_id(0) % num_blocks) * BLOCK_N
-    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
-                                         WINDOW_LEFT, WINDOW_RIGHT)
-    q_start = lo // BLOCK_M * BLOCK_M
-    blocks = gl.maximum(gl.cdiv(hi - q_start, BLOCK_M), 0)
-    n_steps = group * blocks
-    head0 = kv_head * group
-
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, HEAD_D, 16])
-    # dQ's share is BLOCK_M x D, DQ_SLICE columns at a time: the two warpgroups split each slice.
-    DQ_SLICE: gl.constexpr = 64
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                        instr_shape=[16, DQ_SLICE // (num_warps // 4), 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    st_rows: gl.constexpr = gl.SliceLayout(1, st_layout)
-    st_cols: gl.constexpr = gl.SliceLayout(0, st_layout)
-    dtype: gl.constexpr = q_desc.dtype
-
-    # Lines 6-7: load K_j, V_j (kept); dK_j = dV_j = 0. Q_i and dO_i stream through the ring.
-    k_box = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_box = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_boxes = _ring(q_desc, NUM_STAGES)
-    do_boxes = _ring(do_desc, NUM_STAGES)
-    # dS^T goes through shared memory: dQ's product contracts over all BLOCK_N keys, and each
-    # warpgroup holds half of them.
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-    kv_bar = _barriers(1)
-    bars = _barriers(NUM_STAGES)
-    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), k_box)
-    tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
-    for step in gl.static_range(NUM_STAGES - 1):
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head0 + step // gl.maximum(blocks, 1),
-                   q_start + step % gl.maximum(blocks, 1) * BLOCK_M, step, n_steps, NUM_STAGES)
-    k_tile = k_box.reshape([BLOCK_N, HEAD_D])
-    v_tile = v_box.reshape([BLOCK_N, HEAD_D])
-    dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=kv_layout)
-    keys = gl.expand_dims(k_first + gl.arange(0, BLOCK_N, layout=st_rows), 1)
-    dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-    dq_cols = gl.expand_dims(gl.arange(0, DQ_SLICE, layout=gl.SliceLayout(0, dq_layout)), 0)
-    mbarrier.wait(kv_bar.index(0), phase=0)
-
-    for step in range(n_steps):
-        slot = step % NUM_STAGES
-        member = step // blocks
-        q_first = q_start + (step - member * blocks) * BLOCK_M
-        ahead = step + NUM_STAGES - 1
-        # Both warpgroups are done with the ring slot and dS^T of the previous step.
-        gl.thread_barrier()
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head0 + ahead // blocks,
-                   q_start + ahead % blocks * BLOCK_M, ahead, n_steps, NUM_STAGES)
-        # Row statistics of these queries: L (log2 units) and D, padded (v2_row_stats): every
-        # block read lies inside them, and rows past Nq have L = +inf, so P = 0 there.
-        queries = q_first + gl.arange(0, BLOCK_M, layout=st_cols)
-        stats = (batch * stride_sb + (head0 + member) * stride_sh) + queries
-        lse = gl.load(L2 + stats)
-        delta = gl.load(DELTA + stats)
-        mbarrier.wait(bars.index(slot), phase=(step // NUM_STAGES) & 1)
-        q_tile = _tile(q_boxes, slot, BLOCK_M, HEAD_D)
-        do_tile = _tile(do_boxes, slot, BLOCK_M, HEAD_D)
-        # Line 10: S^T = K Q^T, in log2 units (with a softcap c: c tanh(scale q.k / c) log2(e)).
-        st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout),
-                           use_acc=False, is_async=True)
-        st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
-        scores_t = st * qk_scale
-        capped_t = scores_t
-        if SOFTCAP:
-            capped_t = tanh(scores_t)
-            scores_t = capped_t * softcap_log2
-        if (q_first < all_lo) | (q_first + BLOCK_M > all_hi):  # an edge of the window
-            visible = is_visible(gl.expand_dims(queries, 0), keys, n_q, n_k, window_left, window_right,
-                                 WINDOW_LEFT, WINDOW_RIGHT)
-            scores_t = gl.where(visible, scores_t, float("-inf"))
-        # Line 11: P = exp2(S - L); line 12: dV += P^T dO.
-        p_t = gl.exp2(scores_t - gl.expand_dims(lse, 0))
-        p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
-        dv = warpgroup_mma(p_operand, do_tile, dv, is_async=True)
-        if SOFTCAP:  # the softcap's derivative 1 - tanh^2, folded into P while dV's product runs
-            p_t = p_t * (1.0 - capped_t * capped_t)
-        # Line 13: dP^T = V dO^T; line 14: dS = P * (dP - D).
-        dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout),
-                            use_acc=False, is_async=True)
-        dv, dpt, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dpt, p_operand))
-        ds_t = (p_t * (dpt - gl.expand_dims(delta, 0))).to(dtype)
-        # Line 16: dK += dS^T Q (times scale, once at the end), dS^T from registers.
-        ds_operand = gl.convert_layout(ds_t, op_layout)
-        dk = warpgroup_mma(ds_operand, q_tile, dk, is_async=True)
-        ds_smem.store(ds_t)
-        dk, ds_operand = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ds_operand))
-        # Line 15: dQ_i += dS_i K_j (times scale), dS_i the transposed view of dS^T in shared memory;
-        # in column slices of DQ_SLICE, which keeps the share and its addresses in few registers.
-        fence_async_shared()
-        gl.thread_barrier()
-        rows = q_first + dq_rows
-        dq_row_ptrs = DQ_ACC + batch * stride_qb + (head0 + member) * stride_qh + gl.expand_dims(rows, 1) * stride_qn
-        for col in gl.static_range(0, HEAD_D, DQ_SLICE):
-            dq_share = warpgroup_mma(ds_smem.permute((1, 0)), k_tile.slice(col, DQ_SLICE, dim=1),
-                                     gl.zeros([BLOCK_M, DQ_SLICE], gl.float32, layout=dq_layout), use_acc=False,
-                                     is_async=True)
-            dq_share = warpgroup_mma_wait(num_outstanding=0, deps=(dq_share, ))
-            # Relaxed atomics: only the sum matters once the kernel has finished. Rows past Nq
-            # are not added (their P is 0, but the buffer ends at Nq).
-            gl.atomic_add(dq_row_ptrs + (col + dq_cols), dq_share * scale, mask=gl.expand_dims(rows < n_q, 1),
-                          sem="relaxed")
-
-    _invalidate(kv_bar, 1)
-    _invalidate(bars, NUM_STAGES)
-    # Line 18: write dK_j (dS was taken w.r.t. the scaled scores: dK = scale dS^T Q) and dV_j,
-    # through the K and V tiles' shared memory, read no more.
-    k_tile.store((dk * scale).to(dtype))
-    v_tile.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [batch, kv_head, k_first, 0], k_box)
-    tma.async_copy_shared_to_global(dv_desc, [batch, kv_head, k_first, 0], v_box)
-    tma.store_wait(pendings=0)
-
-
-# ---------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------
 
@@ -397,32 +251,3 @@ def v2_hopper_forward(q, k, v, problem: Problem):
         block_m, block_n, problem.head_dim, NUM_STAGES, args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"],
         num_warps=NUM_WARPS)
     return out, lse
-
-
-ATOMIC_BACKWARD_BLOCKS = {64: (128, 64), 128: (128, 64)}  # (keys a program owns, queries it loops over)
-
-
-def supports_atomic_backward(q, k, v, problem: Problem) -> bool:
-    """Whether v2_hopper_atomic_backward serves v2_atomic's backward of this call: as `supports`,
-    at a head dim of ATOMIC_BACKWARD_BLOCKS."""
-    return problem.head_dim in ATOMIC_BACKWARD_BLOCKS and supports(q, k, v, problem)
-
-
-def v2_hopper_atomic_backward(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum):
-    """dK, dV (contiguous, k's shape) as v2.dkdv with a dq_accum: dQ's shares, times the scale,
-    added into the float32 dq_accum (contiguous, q's shape, zeroed). For a call that `supports`
-    accepts at a head dim of ATOMIC_BACKWARD_BLOCKS, d_out contiguous."""
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    keys_owned, queries_looped = ATOMIC_BACKWARD_BLOCKS[problem.head_dim]
-    grid = (problem.batch * problem.kv_heads * ((problem.n_k + keys_owned - 1) // keys_owned),)
-    args = problem.kernel_args
-    _v2_hopper_atomic_backward_kernel[grid](
-        _descriptor(q, queries_looped), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
-        _descriptor(d_out, queries_looped), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
-        lse2, delta, dq_accum, lse2.stride(0), lse2.stride(1), *dq_accum.stride()[:3],
-        problem.kv_heads, problem.group, problem.n_q, problem.n_k, problem.scale,
-        args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"],
-        keys_owned, queries_looped, problem.head_dim, NUM_STAGES, args["WINDOW_LEFT"], args["WINDOW_RIGHT"],
-        args["SOFTCAP"], num_warps=NUM_WARPS)
-    return dk, dv

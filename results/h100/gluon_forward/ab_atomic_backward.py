@@ -1,6 +1,8 @@
 """On an H100: the backward alone, TFLOP/s (2.5x the forward's FLOPs) by the benchmark's timer,
 interleaved rounds in one process: v2's two passes (v2.py), v2_atomic's one pass in Gluon
-(v2_hopper.py) and in Triton (FLASHTILE_GLUON=0), and cuDNN. Usage:
+(v2_hopper.py) and in Triton (FLASHTILE_GLUON=0), and cuDNN. It measures the tree of `d9c7393`,
+where v2_atomic had that Gluon backward; the kernel was taken out after this measurement, so at
+later trees "atomic_gluon" runs the Triton kernel too. Usage:
 python results/h100/gluon_forward/ab_atomic_backward.py [ROUNDS [LABEL_PART]] > FILE.jsonl"""
 import json
 import os
