@@ -9,10 +9,12 @@ which `tl` leaves to the compiler:
 - 8 warps are two warpgroups, each owning half of the program's rows.
 Tiles are (1, 1, rows, D) boxes of the (B, H, N, D) tensors: rows past N read as zeros and
 are not written back, so any N works without a mask on the loads or stores.
-On the H100 this forward runs 8-21% faster than v2.py's at N >= 4096 (docs/results.md,
-"v2's forward in Gluon on Hopper"). It serves what TMA can address and what is not too small
-to be worth its launch (`supports`); everything else runs v2.py. The backward stays v2.py's:
-a Gluon backward written the same way was slower (same section).
+On the H100 this forward runs 8-21% faster than v2.py's at N >= 4096 and D 64 or 128, and
+27-46% faster at D 256 (docs/results.md, "v2's forward in Gluon on Hopper" and "D 256 in
+Gluon ..."). It serves what TMA can address and what is not too small to be worth its launch
+(`supports`); everything else runs v2.py. The backward stays v2.py's: a two-pass Gluon
+backward written the same way was slower, and so was a one-pass one for v2_atomic (same
+sections).
 
 Contract: as v2.v2_forward (O contiguous, lse float32 natural log, -inf for a row that sees no
 key, whose O is 0).
@@ -34,7 +36,7 @@ NUM_STAGES = 2
 # (query rows a program owns, key rows it loops over) by head dim: the fastest of (128 or 64
 # rows, 64 or 128 keys) on the H100 (results/h100/gluon_forward/sweep_configs.jsonl).
 FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64),
-                  256: (128, 64)}  # D 256: 204 registers, 197 KB shared (not yet timed)
+                  256: (128, 64)}  # D 256: 204 registers, 197 KB shared (timed alone: ab_d256_d9c7393.jsonl)
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 # Work (query rows x the keys one query sees x D, a quarter of the forward's FLOPs without a
 # causal mask) below which v2.py's kernel serves the call: there the call is bound by host time,
