@@ -30,6 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._common import LN_2, Problem, device_capability, is_visible, key_range, tanh
+from ._launch import cdiv
 
 NUM_WARPS = 8
 NUM_STAGES = 2
@@ -244,7 +245,7 @@ def v2_hopper_forward(q, k, v, problem: Problem):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(problem.stat_shape(q), device=q.device, dtype=torch.float32)
     block_m, block_n = FORWARD_BLOCKS[problem.head_dim]
-    grid = (problem.batch * problem.q_heads * ((problem.n_q + block_m - 1) // block_m),)
+    grid = (problem.batch * problem.q_heads * cdiv(problem.n_q, block_m),)
     args = problem.kernel_args
     _v2_hopper_forward_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
