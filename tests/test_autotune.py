@@ -164,3 +164,78 @@ def test_the_autotune_key_buckets_the_keys_a_query_sees(n_q, n_k, window, k_buck
     args = _problem(n_q, n_k, *window).kernel_args
     assert args["k_bucket"] == k_bucket
     assert args["q_bucket"] == _common.seq_bucket(n_q)
+
+
+# ---------------------------------------------------------------------------------------
+# DirectLaunches (_launch.py): a repeated launch skips JITFunction.run, on a GPU
+# ---------------------------------------------------------------------------------------
+
+def _v2_kernels():
+    from flashtile.triton_kernels import v2
+
+    return [v2._v2_forward_kernel, v2._v2_row_stats_kernel, v2._v2_dkdv_kernel, v2._v2_dq_kernel]
+
+
+def _fwd_bwd(q, k, v, grad):
+    import flashtile
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flashtile.attention(q, k, v, causal=True, window_size=(40, 0), softcap=20.0)
+    out.backward(grad)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _unaligned_copy(t):
+    """t's values in storage that starts 2 bytes past a 16-byte boundary (same strides)."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.gpu
+def test_direct_launches_replay_what_triton_would_launch(monkeypatch):
+    """A launch whose arguments repeat a recorded one's is replayed without JITFunction.run, and
+    gives the bits JITFunction.run gives: across batch sizes that share every stride (the grid
+    differs, the arguments do not), an unaligned tensor (another specialisation), a second
+    stream and GQA. The records hold no tensor."""
+    from flashtile import testing
+    from triton.runtime.jit import JITFunction
+
+    kernels = _v2_kernels()
+    jit_runs = []
+    original_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: jit_runs.append(self) or original_run(self, *a, **k))
+
+    def both_ways(q, k, v, grad):
+        for kernel in kernels:
+            monkeypatch.setattr(kernel.direct, "enabled", False)
+        expected = _fwd_bwd(q, k, v, grad)
+        for kernel in kernels:
+            monkeypatch.setattr(kernel.direct, "enabled", True)
+        for _ in range(3):  # the first launch of a key chooses the config, the second records it
+            jit_runs.clear()
+            got = _fwd_bwd(q, k, v, grad)
+            for want, have in zip(expected, got):
+                assert torch.equal(want, have)
+        return jit_runs
+
+    cases = []
+    for batch in (2, 3):  # (B, H, N, D) strides do not hold B
+        q, k, v = testing.make_qkv(batch, 4, 113, 113, 64, torch.float16, device="cuda")
+        cases.append((q, k, v, testing.make_grad_out(batch, 4, 113, 64, torch.float16, device="cuda")))
+    q, k, v, grad = cases[0]
+    cases.append((_unaligned_copy(q), k, v, grad))
+    q, k, v = testing.make_qkv(2, 8, 70, 90, 64, torch.bfloat16, device="cuda", kv_heads=2)
+    cases.append((q, k, v, testing.make_grad_out(2, 8, 70, 64, torch.bfloat16, device="cuda")))
+    for case in cases:
+        assert both_ways(*case) == []  # the third call: every launch replayed
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert both_ways(*cases[0]) == []
+    torch.cuda.synchronize()
+    for kernel in kernels:
+        assert kernel.direct.recorded
+        for _, scalars, rest in kernel.direct.recorded.values():
+            assert not any(isinstance(value, torch.Tensor) for value in list(scalars.values()) + rest)

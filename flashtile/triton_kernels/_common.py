@@ -202,6 +202,18 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
 # Host side: how a tensor is addressed, and the launch arguments every kernel shares
 # ---------------------------------------------------------------------------------------
 
+def skip_unused_gradients(ctx):
+    """An attention Function's forward: autograd passes None, not a tensor of zeros, for an
+    output's missing gradient. lse's never reaches the backward, and materialising it was
+    an allocation and a fill kernel on every backward's path (`output_gradient` for out's)."""
+    ctx.set_materialize_grads(False)
+
+
+def output_gradient(d_out, out):
+    """dO for a backward: zeros when out did not reach the loss (see `skip_unused_gradients`)."""
+    return torch.zeros_like(out) if d_out is None else d_out
+
+
 def d_contiguous(t):
     """`t` itself when its last dim is dense (the kernels assume stride 1 along D), else a copy."""
     return t if t.stride(-1) == 1 else t.contiguous()

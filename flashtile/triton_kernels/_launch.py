@@ -2,19 +2,33 @@
 
 An attention call at a small shape runs a few microseconds of GPU work behind about a
 millisecond of Python (scripts/dispatch_overhead.py measures it on a GPU,
-scripts/host_overhead_cpu.py the part flashtile controls, on any machine). Three of the
-largest pieces were Triton's generic helpers, replaced here by narrower ones that give the
-same results:
+scripts/host_overhead_cpu.py the part flashtile controls, on any machine). The largest
+pieces were Triton's generic helpers, replaced here by narrower ones that give the same
+results:
 - Triton's Autotuner rebuilds its cache key from every argument on every launch;
   RememberingAutotuner keys on what flashtile's launchers already know.
+- Triton's JITFunction.run specialises every argument, builds a cache key and looks up the
+  compiled kernel on every launch (49 us for v2's dK/dV launch on the H100's host, of which
+  the launch itself is 11: results/h100/gpu_tests/launch_pieces.py); DirectLaunches
+  launches a compiled kernel again directly when every argument but the tensors' addresses
+  is the same as before.
 - triton.next_power_of_2 and triton.cdiv are constexpr_functions in Triton 3.6, whose
   argument unwrapping costs microseconds a call on the host; next_power_of_2 and cdiv are
   plain integer arithmetic.
 
 Nothing here touches a kernel: the same kernels compile to the same code with the same configs.
 """
+import os
+
 import torch
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, KernelInterface
+
+from . import _compat
+
+if _compat.TRITON_VERSION == (3, 6):
+    from triton import knobs
+    from triton.runtime import driver
 
 
 def next_power_of_2(n: int) -> int:
@@ -25,6 +39,101 @@ def next_power_of_2(n: int) -> int:
 def cdiv(n: int, block: int) -> int:
     """ceil(n / block) (triton.cdiv's value)."""
     return (n + block - 1) // block
+
+
+def _hooked(hooks) -> bool:
+    """Whether a Triton launch hook (a profiler's) is set: Triton 3.6 keeps an empty HookChain."""
+    return hooks is not None and not (isinstance(hooks, knobs.HookChain) and not hooks.calls)
+
+
+class DirectLaunches:
+    """Launches of one JITFunction, remembered so that a repeat skips JITFunction.run.
+
+    JITFunction.run (Triton 3.6) binds the arguments, specialises each (a tensor by dtype and
+    16-byte alignment, an integer by being 1 or a multiple of 16), builds a key from the
+    specialisation and the options, finds the compiled kernel, sizes the grid and calls
+    `kernel.run(grid, stream, function, metadata, hooks, *bound arguments)`. Here the key is
+    stricter: every non-tensor argument's value, positional and by keyword, and each positional
+    tensor's dtype and 16-byte alignment, on the current device. Equal keys mean equal
+    specialisations, so the kernel, and every bound argument after the positional ones, are
+    those of the launch that recorded the key; the grid is sized again from them (a grid
+    function may read what the arguments do not hold, such as the batch size); the positional
+    arguments, tensors included, are this launch's. So a replay launches exactly what
+    JITFunction.run would.
+
+    The launchers' contract: tensors positional (RememberingAutotuner checks it), and one
+    Python type per argument (True and 1 are equal keys but not equal specialisations).
+    Off under the interpreter, with a Triton launch hook (a profiler's) or debug mode set, under another
+    Triton than 3.6, and with FLASHTILE_DIRECT_LAUNCH=0."""
+
+    LIMIT = 4096  # recorded launches per kernel; past it the record starts again (shapes that never repeat)
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.recorded = {}
+        self.enabled = (_compat.TRITON_VERSION == (3, 6) and isinstance(fn, JITFunction)
+                        and os.environ.get("FLASHTILE_DIRECT_LAUNCH", "1") != "0")
+
+    def key(self, args, kwargs):
+        """The launch's key (kwargs without grid and warmup), or None when replays are off."""
+        if not self.enabled or knobs.runtime.debug or _hooked(knobs.runtime.launch_enter_hook) \
+                or _hooked(knobs.runtime.launch_exit_hook):
+            return None
+        return (driver.active.get_current_device(), tuple(kwargs.items()),
+                tuple([(arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor) else arg
+                       for arg in args]))
+
+    def replay(self, key, args, grid):
+        """Launch the kernel recorded under `key` with this launch's positional arguments and
+        grid; None (nothing launched) if none was recorded."""
+        recorded = self.recorded.get(key)
+        if recorded is None:
+            return None
+        kernel, scalars, rest = recorded
+        grid = grid(scalars) if callable(grid) else grid
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        kernel.run(grid[0], grid_y, grid_z, driver.active.get_current_stream(key[0]), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *rest)  # no hooks: no launch metadata
+        return kernel
+
+    def record(self, key, args, kwargs, kernel):
+        """Remember the launch JITFunction.run just made of `kernel` (its result) with `args`
+        and `kwargs` (the config's included)."""
+        if key is None or kernel is None or not hasattr(kernel, "packed_metadata"):
+            return
+        binder = self.fn.device_caches[key[0]][4]
+        bound, _, _ = binder(*args, **kwargs, debug=kwargs.get("debug", self.fn.debug) or knobs.runtime.debug,
+                             instrumentation_mode=knobs.compilation.instrumentation_mode)
+        values = list(bound.values())
+        rest = values[len(args):]
+        if any(value is not arg for value, arg in zip(values, args)) or any(isinstance(v, torch.Tensor) for v in rest):
+            return  # not bound in order, or a tensor by keyword: leave this launch to JITFunction.run
+        if len(self.recorded) >= self.LIMIT:
+            self.recorded.clear()
+        # What the grid function reads, without the tensors: the record must not keep them alive.
+        scalars = {name: value for name, value in bound.items() if not isinstance(value, torch.Tensor)}
+        self.recorded[key] = (kernel, scalars, rest)
+
+
+class DirectKernel(KernelInterface):
+    """A JIT kernel without an autotuner, launched through DirectLaunches:
+    `DirectKernel(triton.jit(fn))[grid](*args, **kwargs)`."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.arg_names = fn.arg_names
+        self.direct = DirectLaunches(fn)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        key = None if warmup else self.direct.key(args, kwargs)
+        if key is not None:
+            kernel = self.direct.replay(key, args, grid)
+            if kernel is not None:
+                return kernel
+        kernel = self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        self.direct.record(key, args, kwargs, kernel)
+        return kernel
 
 
 class RememberingAutotuner(Autotuner):
@@ -42,22 +151,33 @@ class RememberingAutotuner(Autotuner):
     So the config that runs for a key is Triton's choice, and FLASHTILE_AUTOTUNE=0 (which
     prunes the choice to the first shipped config) is kept too.
 
+    Launches with a remembered config are recorded by DirectLaunches, and a launch whose
+    arguments repeat a recorded one's is replayed before any key is built here.
+
     The launchers' contract, checked at the first launch of each key: tensors positional, the
     key's arguments by keyword (a missing one is a KeyError)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.remembered = {}  # cheap key -> (config, config.all_kwargs())
+        self.direct = DirectLaunches(self.fn)
 
-    def run(self, *args, **kwargs):
+    def run(self, *args, grid, warmup, **kwargs):
+        direct_key = None if warmup else self.direct.key(args, kwargs)
+        if direct_key is not None:
+            kernel = self.direct.replay(direct_key, args, grid)
+            if kernel is not None:
+                return kernel
         key = (tuple([kwargs[name] for name in self.keys]),
                tuple([arg.dtype for arg in args if isinstance(arg, torch.Tensor)]))
         remembered = self.remembered.get(key)
         if remembered is None:
-            return self._choose_and_launch(key, *args, **kwargs)
+            return self._choose_and_launch(key, *args, grid=grid, warmup=warmup, **kwargs)
         config, config_kwargs = remembered
         self.best_config = config  # as Triton's run leaves it
-        return self.fn.run(*args, **kwargs, **config_kwargs)
+        kernel = self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
+        self.direct.record(direct_key, args, {**kwargs, **config_kwargs}, kernel)
+        return kernel
 
     def _choose_and_launch(self, key, *args, **kwargs):
         tensor_keywords = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]

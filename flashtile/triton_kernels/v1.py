@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (Problem, autotuned, d_contiguous, head_start, is_visible, key_blocks, load_tile,
-                      program_rows, query_blocks, row_strides, sequence, settle_cache_keys, softcap_chain,
-                      stat_strides, store_tile, tanh, tile_pointers)
+                      output_gradient, program_rows, query_blocks, row_strides, sequence, settle_cache_keys,
+                      skip_unused_gradients, softcap_chain, stat_strides, store_tile, tanh, tile_pointers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,12 +340,13 @@ class FlashAttentionV1Function(torch.autograd.Function):
         ctx.problem = problem
         lse = torch.where(row_sum > 0, row_max + torch.log(row_sum), float("-inf"))
         ctx.mark_non_differentiable(lse)
+        skip_unused_gradients(ctx)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, out, row_max, row_sum = ctx.saved_tensors
-        dq, dk, dv = v1_backward(d_out, q, k, v, out, row_max, row_sum, ctx.problem)
+        dq, dk, dv = v1_backward(output_gradient(d_out, out), q, k, v, out, row_max, row_sum, ctx.problem)
         return (dq, dk, dv) + (None,) * 8
 
 

@@ -29,8 +29,10 @@ import triton.language as tl
 
 from ._common import (LN_2, LOG2_E, ROWWISE_WARPS, STAT_BLOCK, Problem, autotuned, block_read_at, d_contiguous,
                       head_dim_args, head_start, is_visible, key_blocks, load_tile, masked_loop_bounds,
-                      padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block, scores_in_log2,
-                      sequence, settle_cache_keys, softcap_chain, stat_strides, store_tile, tile_pointers)
+                      output_gradient, padded_stats_row0, program_rows, query_blocks, row_strides, rows_to_next_block,
+                      scores_in_log2, sequence, settle_cache_keys, skip_unused_gradients, softcap_chain, stat_strides,
+                      store_tile, tile_pointers)
+from ._launch import DirectKernel
 
 try:  # Gluon, and so the Hopper forward, ships with Triton 3.6, not with 3.2 (flashtile's Turing version)
     from . import v2_hopper
@@ -148,6 +150,7 @@ def _v2_forward_kernel(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
 # Backward
 # ---------------------------------------------------------------------------------------
 
+@DirectKernel  # no autotuner: launched directly after its first launch (_launch.py)
 @triton.jit
 def _v2_row_stats_kernel(O, DO, LSE, L2, DELTA, CU_SEQLENS_Q,
                          stride_ob, stride_oh, stride_on, stride_lb, stride_lh, stride_sb, stride_sh,
@@ -543,12 +546,13 @@ class FlashAttentionV2Function(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem = problem
         ctx.mark_non_differentiable(lse)
+        skip_unused_gradients(ctx)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = v2_backward(d_out, q, k, v, out, lse, ctx.problem)
+        dq, dk, dv = v2_backward(output_gradient(d_out, out), q, k, v, out, lse, ctx.problem)
         return (dq, dk, dv) + (None,) * 8
 
 

@@ -16,7 +16,7 @@ instead of 7) and needs no separate dQ kernel, at the cost of
 """
 import torch
 
-from ._common import Problem, d_contiguous
+from ._common import Problem, d_contiguous, output_gradient
 from . import v2
 from .v2 import FlashAttentionV2Function, dkdv, v2_row_stats
 
@@ -52,5 +52,5 @@ class FlashAttentionV2AtomicFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = v2_atomic_backward(d_out, q, k, v, out, lse, ctx.problem)
+        dq, dk, dv = v2_atomic_backward(output_gradient(d_out, out), q, k, v, out, lse, ctx.problem)
         return (dq, dk, dv) + (None,) * 8

@@ -23,7 +23,6 @@ from flashtile.bench.impls import attention_fn  # noqa: E402
 from flashtile.bench.measure import (gradient_like, packed_flops, random_inputs, time_ms,  # noqa: E402
                                      workload_flops)
 
-ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 # name -> (batch, heads_q, heads_kv, n, d, dtype, options)
 DENSE = {
     "window4096": (1, 16, 16, 16384, 128, torch.float16, dict(causal=True, window_size=(4095, 0))),
@@ -64,33 +63,35 @@ def point_setup(point):
     return {name: (attention_fn(name, **options), inputs, d_out) for name in ("v2", "flex")}, flops
 
 
-for point in (sys.argv[3].split(",") if len(sys.argv) > 3 else ["window4096"]):
-    contenders, flops = point_setup(point)
-    grads = {}
-    for name, (fn, inputs, d_out) in contenders.items():  # compile, autotune; d_out in the output's layout
-        fn(*inputs).backward(d_out)
-        grads[name] = gradient_like(fn(*inputs), d_out)
-        for t in inputs:
-            t.grad = None
-    ratios, times = {"fwd": [], "fwd_bwd": []}, {}
-    for rnd in range(ROUNDS):
-        order = ("v2", "flex") if rnd % 2 == 0 else ("flex", "v2")
-        ms = {}
-        for name in order:
-            fn, inputs, _ = contenders[name]
-            ms[name, "fwd"] = time_ms(lambda: fn(*inputs), "cuda")
-            ms[name, "fwd_bwd"] = time_ms(lambda: fn(*inputs).backward(grads[name]), "cuda", list(inputs))
-        for key, t in ms.items():
-            times.setdefault(key, []).append(t)
-        for mode in ratios:
-            ratios[mode].append(ms["flex", mode] / ms["v2", mode])  # > 1: v2 faster
-        print(json.dumps(dict(point=point, round=rnd, order=order,
-                              **{f"{name}_{mode}_ms": round(t, 4) for (name, mode), t in ms.items()})), flush=True)
-    summary = dict(point=point, rounds=ROUNDS, device=torch.cuda.get_device_name())
-    for mode, r in ratios.items():
-        summary[f"{mode}_v2_over_flex_median"] = round(statistics.median(r), 4)
-        summary[f"{mode}_v2_over_flex_range"] = [round(min(r), 4), round(max(r), 4)]
-        summary[f"{mode}_rounds_v2_faster"] = sum(x > 1 for x in r)
-        for name in contenders:
-            summary[f"{name}_{mode}_tflops_median"] = round(flops[mode] / statistics.median(times[name, mode]) / 1e9, 1)
-    print(json.dumps(summary), flush=True)
+if __name__ == "__main__":
+    ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+    for point in (sys.argv[3].split(",") if len(sys.argv) > 3 else ["window4096"]):
+        contenders, flops = point_setup(point)
+        grads = {}
+        for name, (fn, inputs, d_out) in contenders.items():  # compile, autotune; d_out in the output's layout
+            fn(*inputs).backward(d_out)
+            grads[name] = gradient_like(fn(*inputs), d_out)
+            for t in inputs:
+                t.grad = None
+        ratios, times = {"fwd": [], "fwd_bwd": []}, {}
+        for rnd in range(ROUNDS):
+            order = ("v2", "flex") if rnd % 2 == 0 else ("flex", "v2")
+            ms = {}
+            for name in order:
+                fn, inputs, _ = contenders[name]
+                ms[name, "fwd"] = time_ms(lambda: fn(*inputs), "cuda")
+                ms[name, "fwd_bwd"] = time_ms(lambda: fn(*inputs).backward(grads[name]), "cuda", list(inputs))
+            for key, t in ms.items():
+                times.setdefault(key, []).append(t)
+            for mode in ratios:
+                ratios[mode].append(ms["flex", mode] / ms["v2", mode])  # > 1: v2 faster
+            print(json.dumps(dict(point=point, round=rnd, order=order,
+                                  **{f"{name}_{mode}_ms": round(t, 4) for (name, mode), t in ms.items()})), flush=True)
+        summary = dict(point=point, rounds=ROUNDS, device=torch.cuda.get_device_name())
+        for mode, r in ratios.items():
+            summary[f"{mode}_v2_over_flex_median"] = round(statistics.median(r), 4)
+            summary[f"{mode}_v2_over_flex_range"] = [round(min(r), 4), round(max(r), 4)]
+            summary[f"{mode}_rounds_v2_faster"] = sum(x > 1 for x in r)
+            for name in contenders:
+                summary[f"{name}_{mode}_tflops_median"] = round(flops[mode] / statistics.median(times[name, mode]) / 1e9, 1)
+        print(json.dumps(summary), flush=True)
