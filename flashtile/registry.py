@@ -30,8 +30,15 @@ class Implementation:
     summary: str
 
     def load(self):
-        """The autograd Function (imports its module, and so its kernels, on first use)."""
-        return getattr(importlib.import_module(self.module, "flashtile"), self.function)
+        """The autograd Function (imports its module, and so its kernels, on first use; then
+        remembered, since every eager call asks for it)."""
+        function = _LOADED.get(self.name)
+        if function is None:
+            function = _LOADED[self.name] = getattr(importlib.import_module(self.module, "flashtile"), self.function)
+        return function
+
+
+_LOADED = {}  # implementation name -> its autograd Function
 
 
 _ENTRIES = (

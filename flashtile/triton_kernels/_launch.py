@@ -53,8 +53,8 @@ class DirectLaunches:
     16-byte alignment, an integer by being 1 or a multiple of 16), builds a key from the
     specialisation and the options, finds the compiled kernel, sizes the grid and calls
     `kernel.run(grid, stream, function, metadata, hooks, *bound arguments)`. Here the key is
-    stricter: every non-tensor argument's value, positional and by keyword, and each positional
-    tensor's dtype and 16-byte alignment, on the current device. Equal keys mean equal
+    stricter: every non-tensor argument's value, positional and by keyword, and each tensor's
+    dtype and 16-byte alignment, on the current device (`key`). Equal keys mean equal
     specialisations, so the kernel, and every bound argument after the positional ones, are
     those of the launch that recorded the key; the grid is sized again from them (a grid
     function may read what the arguments do not hold, such as the batch size); the positional
@@ -71,17 +71,27 @@ class DirectLaunches:
     def __init__(self, fn):
         self.fn = fn
         self.recorded = {}
+        self.tensors = None  # how many leading positional arguments are tensors (the first record's)
         self.enabled = (_compat.TRITON_VERSION == (3, 6) and isinstance(fn, JITFunction)
                         and os.environ.get("FLASHTILE_DIRECT_LAUNCH", "1") != "0")
 
     def key(self, args, kwargs):
-        """The launch's key (kwargs without grid and warmup), or None when replays are off."""
+        """The launch's key (kwargs without grid and warmup), or None when replays are off:
+        (device, keyword arguments, the leading tensors' dtypes and alignments, the other
+        positional arguments). A launcher passes its tensors first, so the key is built
+        without a type check per argument; one whose layout differs gets no key (a non-tensor
+        among the leading ones) or is not recorded (a tensor after them, or by keyword)."""
         if not self.enabled or knobs.runtime.debug or _hooked(knobs.runtime.launch_enter_hook) \
                 or _hooked(knobs.runtime.launch_exit_hook):
             return None
-        return (driver.active.get_current_device(), tuple(kwargs.items()),
-                tuple([(arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor) else arg
-                       for arg in args]))
+        n = self.tensors
+        if n is None:
+            n = next((i for i, arg in enumerate(args) if not isinstance(arg, torch.Tensor)), len(args))
+        try:
+            tensors = tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n]])
+        except AttributeError:
+            return None
+        return driver.active.get_current_device(), tuple(kwargs.items()), tensors, args[n:]
 
     def replay(self, key, args, grid):
         """Launch the kernel recorded under `key` with this launch's positional arguments and
@@ -102,6 +112,8 @@ class DirectLaunches:
         and `kwargs` (the config's included)."""
         if key is None or kernel is None or not hasattr(kernel, "packed_metadata"):
             return
+        if any(isinstance(value, torch.Tensor) for value in key[3] + tuple(kwargs.values())):
+            return  # a tensor after the leading ones, or by keyword: it would be keyed by identity
         binder = self.fn.device_caches[key[0]][4]
         bound, _, _ = binder(*args, **kwargs, debug=kwargs.get("debug", self.fn.debug) or knobs.runtime.debug,
                              instrumentation_mode=knobs.compilation.instrumentation_mode)
@@ -109,6 +121,7 @@ class DirectLaunches:
         rest = values[len(args):]
         if any(value is not arg for value, arg in zip(values, args)) or any(isinstance(v, torch.Tensor) for v in rest):
             return  # not bound in order, or a tensor by keyword: leave this launch to JITFunction.run
+        self.tensors = len(key[2])
         if len(self.recorded) >= self.LIMIT:
             self.recorded.clear()
         # What the grid function reads, without the tensors: the record must not keep them alive.

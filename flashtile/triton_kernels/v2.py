@@ -453,8 +453,8 @@ def v2_forward(q, k, v, problem: Problem):
     q, k, v = d_contiguous(q), d_contiguous(k), d_contiguous(v)
     if v2_hopper is not None and v2_hopper.supports(q, k, v, problem):
         return v2_hopper.v2_hopper_forward(q, k, v, problem)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(problem.stat_shape(q), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # cheaper on the host than torch.empty
+    lse = q.new_empty(problem.stat_shape(q), dtype=torch.float32)
     _v2_forward_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
         q, k, v, out, lse, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out), *stat_strides(lse),
@@ -465,8 +465,8 @@ def v2_forward(q, k, v, problem: Problem):
 def v2_row_stats(out, d_out, lse, problem: Problem):
     """(L in log2 units, D) for the backward kernels: float32, padded (`_v2_row_stats_kernel`).
     out and d_out share their strides."""
-    stats = torch.empty((2,) + problem.padded_stats_shape(), device=out.device, dtype=torch.float32)
-    lse2, delta = stats[0], stats[1]  # one allocation; the two planes share their strides
+    stats = out.new_empty((2,) + problem.padded_stats_shape(), dtype=torch.float32)
+    lse2, delta = stats.unbind()  # one allocation; the two planes share their strides
     grid = problem.grid("q", "BLOCK_M", problem.q_heads)  # blocks of BLOCK_M = STAT_BLOCK rows
     _v2_row_stats_kernel[grid](out, d_out, lse, lse2, delta, problem.sequences(out)[0], *row_strides(out),
                                *stat_strides(lse), *stat_strides(lse2), problem.q_heads, problem.kernel_rows("q"),
@@ -478,8 +478,8 @@ def v2_row_stats(out, d_out, lse, problem: Problem):
 def dkdv(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum=None):
     """dK, dV (contiguous, k's shape) from the key-major kernel, given `v2_row_stats`; with a
     float32 dq_accum (contiguous, q's shape, zeroed) the kernel also adds dQ into it atomically."""
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     atomic = dq_accum is not None
     _v2_dkdv_kernel[problem.grid("k", "BLOCK_N", problem.kv_heads)](
         q, k, v, d_out, lse2, delta, dk, dv, dq_accum if atomic else dk, *problem.sequences(q),
@@ -497,7 +497,7 @@ def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
     lse2, delta = v2_row_stats(out, d_out, lse, problem)
     dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](
         q, k, v, d_out, lse2, delta, dq, *problem.sequences(q),
         *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(d_out), *stat_strides(lse2),
