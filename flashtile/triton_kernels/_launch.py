@@ -93,19 +93,21 @@ class DirectLaunches:
             return None
         return driver.active.get_current_device(), tuple(kwargs.items()), tensors, args[n:]
 
-    def replay(self, key, args, grid):
-        """Launch the kernel recorded under `key` with this launch's positional arguments and
-        grid; None (nothing launched) if none was recorded."""
-        recorded = self.recorded.get(key)
+    def replay(self, args, kwargs, grid, warmup):
+        """(key, kernel): launch the kernel recorded under this launch's key with its positional
+        arguments and grid and return it; kernel None (nothing launched) when none was
+        recorded, and then `record` takes the key (None: replays are off)."""
+        key = None if warmup else self.key(args, kwargs)
+        recorded = None if key is None else self.recorded.get(key)
         if recorded is None:
-            return None
+            return key, None
         kernel, scalars, rest = recorded
         grid = grid(scalars) if callable(grid) else grid
         grid_y = grid[1] if len(grid) > 1 else 1
         grid_z = grid[2] if len(grid) > 2 else 1
         kernel.run(grid[0], grid_y, grid_z, driver.active.get_current_stream(key[0]), kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *rest)  # no hooks: no launch metadata
-        return kernel
+        return key, kernel
 
     def record(self, key, args, kwargs, kernel):
         """Remember the launch JITFunction.run just made of `kernel` (its result) with `args`
@@ -139,11 +141,9 @@ class DirectKernel(KernelInterface):
         self.direct = DirectLaunches(fn)
 
     def run(self, *args, grid, warmup, **kwargs):
-        key = None if warmup else self.direct.key(args, kwargs)
-        if key is not None:
-            kernel = self.direct.replay(key, args, grid)
-            if kernel is not None:
-                return kernel
+        key, kernel = self.direct.replay(args, kwargs, grid, warmup)
+        if kernel is not None:
+            return kernel
         kernel = self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
         self.direct.record(key, args, kwargs, kernel)
         return kernel
@@ -176,11 +176,9 @@ class RememberingAutotuner(Autotuner):
         self.direct = DirectLaunches(self.fn)
 
     def run(self, *args, grid, warmup, **kwargs):
-        direct_key = None if warmup else self.direct.key(args, kwargs)
-        if direct_key is not None:
-            kernel = self.direct.replay(direct_key, args, grid)
-            if kernel is not None:
-                return kernel
+        direct_key, kernel = self.direct.replay(args, kwargs, grid, warmup)
+        if kernel is not None:
+            return kernel
         key = (tuple([kwargs[name] for name in self.keys]),
                tuple([arg.dtype for arg in args if isinstance(arg, torch.Tensor)]))
         remembered = self.remembered.get(key)
