@@ -239,3 +239,70 @@ def test_direct_launches_replay_what_triton_would_launch(monkeypatch):
         assert kernel.direct.recorded
         for _, scalars, rest in kernel.direct.recorded.values():
             assert not any(isinstance(value, torch.Tensor) for value in list(scalars.values()) + rest)
+
+
+def test_direct_launches_key_replay_and_record(monkeypatch):
+    """DirectLaunches (_launch.py) without a GPU: a stand-in JIT function and compiled kernel.
+    The first launch goes through the function's run and is recorded; a repeat is replayed
+    with this launch's tensors and a grid sized again; another alignment or scalar value is
+    not a repeat; the record keeps no tensor; warmup and a launch hook go through run."""
+    import types
+
+    from flashtile.triton_kernels import _launch
+
+    if _launch._compat.TRITON_VERSION != (3, 6):
+        pytest.skip("DirectLaunches replays only under Triton 3.6")
+    replays = []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *launch):
+            replays.append(launch)
+
+    compiled = Compiled()
+
+    class Jit:
+        debug = None
+        arg_names = ["A", "B", "n", "BLOCK"]
+
+        def __init__(self):
+            self.device_caches = {0: (None, None, None, None, self.bind)}
+            self.runs = []
+
+        def bind(self, *args, **kwargs):
+            return dict(zip(self.arg_names, args), BLOCK=kwargs["BLOCK"]), None, None
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.runs.append(args)
+            return compiled
+
+    monkeypatch.setattr(_launch, "driver", types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: "stream")))
+    jit = Jit()
+    kernel = _launch.DirectKernel.__new__(_launch.DirectKernel)
+    kernel.fn, kernel.arg_names, kernel.direct = jit, jit.arg_names, _launch.DirectLaunches(jit)
+    kernel.direct.enabled = True  # a stand-in is not a JITFunction
+
+    def launch(a, n=7, batch=5, warmup=False):
+        return kernel.run(a, b, n, grid=lambda meta: (batch * meta["BLOCK"],), warmup=warmup, BLOCK=2)
+
+    a, b = torch.zeros(8), torch.zeros(8)
+    assert launch(a) is compiled and len(jit.runs) == 1 and replays == []
+    other = torch.ones(8)
+    assert launch(other, batch=3) is compiled and len(jit.runs) == 1
+    assert replays[-1][:6] == (6, 1, 1, "stream", "function", "metadata")  # the grid of this launch
+    assert replays[-1][9] is other and replays[-1][10] is b and replays[-1][11:] == (7, 2)
+    launch(torch.zeros(9)[1:])  # 4-byte offset: another specialisation
+    launch(a, n=8)
+    launch(a, warmup=True)
+    assert len(jit.runs) == 4 and len(replays) == 1
+    for _, scalars, rest in kernel.direct.recorded.values():
+        assert not any(isinstance(value, torch.Tensor) for value in list(scalars.values()) + rest)
+    hook = lambda metadata: None  # noqa: E731
+    _launch.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch(a)
+    finally:
+        _launch.knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(jit.runs) == 5 and len(replays) == 1
