@@ -37,8 +37,9 @@ def timeline(fn, inputs, grad):
     first_launch = min(e.time_range.start for e in launches)
     kernels = sorted([e for e in events if e.device_type.name == "CUDA" and e.time_range.start >= first_launch],
                      key=lambda e: e.time_range.start)
+    launch_starts = sorted(e.time_range.start for e in launches)
     return dict(host_call_us=round(t1 - t0, 1),
-                launches_us=[round(e.time_range.start - t0, 1) for e in sorted(launches, key=lambda e: e.time_range.start)],
+                launches_us=[round(start - t0, 1) for start in launch_starts],
                 kernels=[(e.name[:40], round(e.time_range.start - t0, 1), round(e.time_range.end - t0, 1))
                          for e in kernels])
 
