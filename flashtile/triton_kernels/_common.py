@@ -368,13 +368,22 @@ def settle_cache_keys(namespace: dict):
     cache. Hashed here, helpers first, every process gets the same keys."""
     if interpreting():
         return
-    from triton.runtime.jit import JITFunction, KernelInterface
+    from triton.runtime.jit import JITFunction
 
     for value in list(namespace.values()):
-        while isinstance(value, KernelInterface) and not isinstance(value, JITFunction):
-            value = value.fn  # an Autotuner (or Heuristics) around the kernel
+        value = jit_function(value)
         if isinstance(value, JITFunction):
             value.cache_key  # noqa: B018 (computed and kept by Triton)
+
+
+def jit_function(kernel):
+    """The JITFunction under a kernel's wrappers (an Autotuner, Heuristics, a DirectKernel);
+    anything that is not a kernel comes back as it is."""
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    while isinstance(kernel, KernelInterface) and not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
 
 
 @triton.jit

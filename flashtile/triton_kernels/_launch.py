@@ -114,8 +114,8 @@ class DirectLaunches:
         and `kwargs` (the config's included)."""
         if key is None or kernel is None or not hasattr(kernel, "packed_metadata"):
             return
-        if any(isinstance(value, torch.Tensor) for value in key[3] + tuple(kwargs.values())):
-            return  # a tensor after the leading ones, or by keyword: it would be keyed by identity
+        if any(isinstance(value, torch.Tensor) for value in key[3]):
+            return  # a tensor after the leading ones: it would be keyed by identity
         binder = self.fn.device_caches[key[0]][4]
         bound, _, _ = binder(*args, **kwargs, debug=kwargs.get("debug", self.fn.debug) or knobs.runtime.debug,
                              instrumentation_mode=knobs.compilation.instrumentation_mode)

@@ -32,11 +32,9 @@ import time
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.runtime.autotuner import Autotuner
 
 from ._compat import TRITON_VERSION, TURING_TRITON_PIP, ast_source, turing_tensor_cores
-from ._launch import DirectKernel
-from ._common import ROWWISE_WARPS, SHARED_MEMORY_LIMIT, STAT_BLOCK, config_tuples, interpreting
+from ._common import ROWWISE_WARPS, SHARED_MEMORY_LIMIT, STAT_BLOCK, config_tuples, interpreting, jit_function
 from . import v1, v2
 
 # kernel name -> (autotuned or plain kernel, config kind, owned block, looped block, fixed constexprs)
@@ -111,7 +109,7 @@ def _source(variant: Variant, aligned: bool = False):
     compiled for arbitrary alignment, which CI's checks need (the smallest promise), but its
     registers are not those of the kernels that usually run (Triton 3.6 only)."""
     kernel, kind, owned, looped, fixed = KERNELS[variant.kernel]
-    fn = kernel.fn if isinstance(kernel, (Autotuner, DirectKernel)) else kernel  # the JITFunction under either
+    fn = jit_function(kernel)
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
     values = dict(zip(FLAG_NAMES, variant.flags))
     values.update(fixed, BLOCK_D=variant.block_d, EVEN_D=variant.even_d)
