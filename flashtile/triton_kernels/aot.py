@@ -245,40 +245,54 @@ def hopper_variants():
             for flags in HOPPER_FLAGS]
 
 
-def compile_hopper(dtype: str, head_dim: int, flags):
-    """Compile v2_hopper.py's Gluon forward for sm_90, with the (1, 1, rows, D) TMA boxes its
-    launcher passes; returns Triton's CompiledKernel."""
+def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", deterministic: bool = True,
+                   blocks=None):
+    """Compile one of the Gluon kernels for sm_90 (v2_hopper.py's forward, or
+    v2_hopper_backward.py's backward with `deterministic`, at `blocks` = (keys, queries, warps)
+    or its head dim's own), with the (1, 1, rows, D) TMA boxes its launcher passes; returns
+    Triton's CompiledKernel."""
     import inspect
 
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from . import v2_hopper
+    from . import v2_hopper, v2_hopper_backward
 
     element = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    fn = v2_hopper._v2_hopper_forward_kernel
-    block_m, block_n = v2_hopper.FORWARD_BLOCKS[head_dim]
+    constexprs = {"HEAD_D": head_dim, "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1], "SOFTCAP": flags[2]}
+    if kernel == "forward":
+        fn = v2_hopper._v2_hopper_forward_kernel
+        block_m, block_n = v2_hopper.FORWARD_BLOCKS[head_dim]
+        warps = v2_hopper.NUM_WARPS
+        query_boxes, floats = ("q_desc", "o_desc"), ("LSE", )
+        constexprs.update(NUM_STAGES=v2_hopper.NUM_STAGES)
+    else:
+        fn = v2_hopper_backward._v2_hopper_backward_kernel
+        block_n, block_m, warps = blocks or v2_hopper_backward.BACKWARD_BLOCKS[head_dim]
+        query_boxes, floats = ("q_desc", "do_desc"), ("L2", "DELTA", "DQ_ACC")
+        constexprs.update(NUM_STAGES=v2_hopper_backward.NUM_STAGES, DQ_SLICE=v2_hopper_backward.DQ_SLICE,
+                          DETERMINISTIC=deterministic, DQ_ADD=1)
+    constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
-    def box(rows):  # the launcher's own box layout (`_box_layout`)
+    def box(rows):  # the launchers' own box layout (`_box_layout`)
         return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{v2_hopper._box_layout(rows, head_dim, element)!r}>"
 
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_D": head_dim, "NUM_STAGES": v2_hopper.NUM_STAGES,
-                  "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1], "SOFTCAP": flags[2],
-                  "num_warps": v2_hopper.NUM_WARPS}
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_desc"):  # Q and O boxed by the query rows, K and V by the key rows
-            signature[name] = box(block_m if name in ("q_desc", "o_desc") else block_n)
-        elif name == "LSE":
+        elif name.endswith("_desc"):  # Q, O and dO boxed by the query rows, K, V, dK and dV by the key rows
+            signature[name] = box(block_m if name in query_boxes else block_n)
+        elif name in floats:
             signature[name] = "*fp32"
-        elif name in ("qk_scale", "softcap_log2"):
+        elif name == "TURNS":
+            signature[name] = "*i32"
+        elif name in ("qk_scale", "softcap_log2", "scale"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     source = GluonASTSource(fn, signature, constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": v2_hopper.NUM_WARPS})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 # ---------------------------------------------------------------------------------------
