@@ -246,7 +246,7 @@ def hopper_variants():
 
 
 def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", deterministic: bool = True,
-                   blocks=None):
+                   blocks=None, dq_add=3):
     """Compile one of the Gluon kernels for sm_90 (v2_hopper.py's forward, or
     v2_hopper_backward.py's backward with `deterministic`, at `blocks` = (keys, queries, warps)
     or its head dim's own), with the (1, 1, rows, D) TMA boxes its launcher passes; returns
@@ -271,16 +271,18 @@ def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", de
         block_n, block_m, warps = blocks or v2_hopper_backward.BACKWARD_BLOCKS[head_dim]
         query_boxes, floats = ("q_desc", "do_desc"), ("L2", "DELTA", "DQ_ACC")
         constexprs.update(NUM_STAGES=v2_hopper_backward.NUM_STAGES, DQ_SLICE=v2_hopper_backward.DQ_SLICE,
-                          DETERMINISTIC=deterministic, DQ_ADD=1)
+                          DETERMINISTIC=deterministic, DQ_ADD=dq_add)
     constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
-    def box(rows):  # the launchers' own box layout (`_box_layout`)
-        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{v2_hopper._box_layout(rows, head_dim, element)!r}>"
+    def box(rows, name=dtype, element=element):  # the launchers' own box layout (`_box_layout`)
+        return f"tensordesc<{name}[1, 1, {rows}, {head_dim}],{v2_hopper._box_layout(rows, head_dim, element)!r}>"
 
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "dq_desc":  # the backward's float32 dQ buffer, boxed by the query rows
+            signature[name] = box(block_m, "fp32", torch.float32)
         elif name.endswith("_desc"):  # Q, O and dO boxed by the query rows, K, V, dK and dV by the key rows
             signature[name] = box(block_m if name in query_boxes else block_n)
         elif name in floats:

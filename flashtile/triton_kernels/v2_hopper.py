@@ -39,6 +39,7 @@ NUM_STAGES = 2
 FORWARD_BLOCKS = {64: (128, 128), 128: (128, 64),
                   256: (128, 64)}  # D 256: 204 registers, 197 KB shared (timed alone: ab_d256_d9c7393.jsonl)
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+BOX_DTYPES = {**GL_DTYPES, torch.float32: gl.float32}  # the backward's float32 dQ buffer too
 # Work (query rows x the keys one query sees x D, a quarter of the forward's FLOPs without a
 # causal mask) below which v2.py's kernel serves the call: there the call is bound by host time,
 # and launching this kernel costs about 50 us more of it (0.148 against 0.097 ms a forward at
@@ -231,7 +232,7 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
 def _box_layout(rows, head_dim, dtype):
     """The shared-memory layout of a (1, 1, rows, D) box: cached, since working it out costs
     about 9 us of host time, a descriptor's worth of launch time four times over."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], GL_DTYPES[dtype])
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], BOX_DTYPES[dtype])
 
 
 def _descriptor(t, rows):

@@ -17,8 +17,10 @@ Key-major: S^T and dP^T are BLOCK_N x BLOCK_M, so P^T and dS^T are the A operand
 dK's products straight from registers.
 """
 import torch
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -47,6 +49,25 @@ def _wait_for_turn(counter, turn):
         seen = gl.atomic_add(counter, 0, sem="acquire")
 
 
+@builtin
+def _tma_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared-memory box src into the tensor at coord, by TMA (`cp.reduce.async.bulk.tensor`
+    .add: one thread issues it, the copy engine adds at L2, rows outside the tensor are dropped),
+    in the bulk group that tma.store_wait waits on. Triton 3.6 builds this op but Gluon has no
+    wrapper for it."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _bulk_writes_done(like):
+    """Wait until this thread's bulk copies have written global memory (`cp.async.bulk.wait_group
+    0`; tma.store_wait waits only until they have read shared memory). `like`: any tensor, for
+    the inline asm's shape."""
+    gl.inline_asm_elementwise("cp.async.bulk.wait_group 0; mov.b32 $0, 0;", "=r,r", [like], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
 @gluon.jit
 def _add_pairs(pointers, values, mask):
     """values added into pointers' float32s, two neighbours at a time (`red.global.add.v2.f32`,
@@ -59,7 +80,7 @@ def _add_pairs(pointers, values, mask):
 
 
 @gluon.jit
-def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, L2, DELTA, DQ_ACC, TURNS,
+def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, L2, DELTA, DQ_ACC, TURNS,
                                stride_sb, stride_sh, stride_qb, stride_qh, stride_qn, stride_tb, stride_th,
                                kv_heads, group, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
                                window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
@@ -105,6 +126,9 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     # warpgroups hold between them.
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    if DQ_ADD == 3:  # dQ's share goes out through shared memory, added by TMA
+        dq_box = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+        dq_stage = dq_box.reshape([BLOCK_M, HEAD_D])
     kv_bar = _barriers(1)
     bars = _barriers(NUM_STAGES)
     mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -202,13 +226,26 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
                 gl.atomic_add(dq_row_ptrs + (col + dq_cols), dq_share * scale, mask=row_mask, sem="relaxed")
             elif DQ_ADD == 1:
                 _add_pairs(dq_row_ptrs + (col + dq_cols), dq_share * scale, row_mask & (dq_cols >= 0))
+            elif DQ_ADD == 3:
+                if col == 0:  # the previous step's add has read the stage
+                    tma.store_wait(pendings=0)
+                    gl.thread_barrier()
+                dq_stage.slice(col, DQ_SLICE, dim=1).store(dq_share * scale)
+        if DQ_ADD == 3:
+            fence_async_shared()
+            gl.thread_barrier()
+            _tma_add(dq_desc, [batch, head, q_first, 0], dq_box)
         if DETERMINISTIC:
-            # Every warp's adds are issued (the CTA barrier) before one thread passes the turn
-            # on with a release.
+            # Every warp's adds are issued, and TMA's written (the CTA barrier), before one
+            # thread passes the turn on with a release.
+            if DQ_ADD == 3:
+                _bulk_writes_done(row_mask)
             gl.thread_barrier()
             gl.atomic_add(counter, 1, sem="release")
 
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    if DQ_ADD == 3:
+        tma.store_wait(pendings=0)
     _invalidate(kv_bar, 1)
     _invalidate(bars, NUM_STAGES)
     # Line 18: write dK_j (dS was taken w.r.t. the scaled scores: dK = scale dS^T Q) and dV_j,
@@ -222,7 +259,7 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     tma.store_wait(pendings=0)
 
 
-def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, deterministic=True, blocks=None, dq_add=1):
+def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, deterministic=True, blocks=None, dq_add=3):
     """dQ, dK, dV from v2.v2_row_stats' (lse2, delta), for a call that `supports_backward`
     accepts (d_out contiguous). With `deterministic`, dQ's bits repeat from run to run."""
     keys_owned, queries_step, warps = blocks or BACKWARD_BLOCKS[problem.head_dim]
@@ -238,6 +275,7 @@ def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, determinis
     _v2_hopper_backward_kernel[grid](
         _descriptor(q, queries_step), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
         _descriptor(d_out, queries_step), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
+        _descriptor(dq_accum, queries_step),
         lse2, delta, dq_accum, turns, lse2.stride(0), lse2.stride(1), *dq_accum.stride()[:3],
         turns.stride(0), turns.stride(1), problem.kv_heads, problem.group, problem.n_q, problem.n_k, problem.scale,
         args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"],

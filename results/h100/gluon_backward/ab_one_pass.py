@@ -20,16 +20,17 @@ ONLY = sys.argv[2] if len(sys.argv) > 2 else ""
 POINT_SEQS = sys.argv[4].split(",") if len(sys.argv) > 4 else ["N1024", "N4096", "N16384"]
 DTYPE = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.float16
 CONFIGS = {64: [(128, 64, 8), (64, 64, 4), (128, 128, 8)], 128: [(128, 64, 8), (64, 64, 4)]}
-# (blocks, deterministic, dQ's add: 0 scalar atomics, 1 red.v2, 2 none, a ceiling with dQ wrong)
-VARIANTS = {d: [(blocks, det, add) for blocks in CONFIGS[d][:1] for det, add in ((False, 0), (False, 1), (False, 2), (True, 1))]
-            + [(blocks, False, 1) for blocks in CONFIGS[d][1:]] for d in CONFIGS}
+# (blocks, deterministic, dQ's add: 0 scalar atomics, 1 red.v2, 2 none (a ceiling, dQ wrong), 3 TMA)
+VARIANTS = {d: [(CONFIGS[d][0], det, add) for det, add in ((False, 1), (False, 2), (False, 3), (True, 3))]
+            for d in CONFIGS}
+VARIANTS[64].append(((128, 128, 8), False, 3))
 
 
 def problem_of(q, k, window=(-1, -1), softcap=0.0):
     return Problem.of(q, k, None, None, None, None, q.shape[-1] ** -0.5, window[0], window[1], softcap)
 
 
-def one_pass_backward(d_out, q, k, v, out, lse, problem, deterministic, blocks, dq_add=1):
+def one_pass_backward(d_out, q, k, v, out, lse, problem, deterministic, blocks, dq_add=3):
     lse2, delta = v2.v2_row_stats(out, d_out, lse, problem)
     return one_pass.v2_hopper_backward(q, k, v, d_out, lse2, delta, problem, deterministic, blocks, dq_add)
 
