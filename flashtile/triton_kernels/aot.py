@@ -246,7 +246,7 @@ def hopper_variants():
 
 
 def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", deterministic: bool = True,
-                   blocks=None, dq_add=3):
+                   blocks=None):
     """Compile one of the Gluon kernels for sm_90 (v2_hopper.py's forward, or
     v2_hopper_backward.py's backward with `deterministic`, at `blocks` = (keys, queries, warps)
     or its head dim's own), with the (1, 1, rows, D) TMA boxes its launcher passes; returns
@@ -269,9 +269,9 @@ def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", de
     else:
         fn = v2_hopper_backward._v2_hopper_backward_kernel
         block_n, block_m, warps = blocks or v2_hopper_backward.BACKWARD_BLOCKS[head_dim]
-        query_boxes, floats = ("q_desc", "do_desc"), ("L2", "DELTA", "DQ_ACC")
+        query_boxes, floats = ("q_desc", "do_desc"), ("L2", "DELTA")
         constexprs.update(NUM_STAGES=v2_hopper_backward.NUM_STAGES, DQ_SLICE=v2_hopper_backward.DQ_SLICE,
-                          DETERMINISTIC=deterministic, DQ_ADD=dq_add)
+                          DQ_STAGES=v2_hopper_backward.DQ_STAGES, DETERMINISTIC=deterministic)
     constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
     def box(rows, name=dtype, element=element):  # the launchers' own box layout (`_box_layout`)

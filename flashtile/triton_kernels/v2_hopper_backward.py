@@ -31,7 +31,9 @@ from .v2_hopper import _barriers, _descriptor, _invalidate, _load_pair, _ring, _
 # (keys a program owns, queries a step, warps): one warpgroup per 64 keys.
 BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8)}
 NUM_STAGES = 2
-DQ_SLICE = 64  # dQ's share is added DQ_SLICE columns at a time, which keeps it in few registers
+DQ_SLICE = 64  # dQ's share is formed DQ_SLICE columns at a time, which keeps it in few registers
+DQ_STAGES = 2  # shares of dQ staged for TMA's add at once
+WRITER_REGISTERS = gl.constexpr(48)  # a thread of the one-warp dQ writer (setmaxnreg); the compute warps get the rest
 
 
 def supports_backward(q, k, v, problem: Problem) -> bool:
@@ -69,42 +71,64 @@ def _bulk_writes_done(like):
 
 
 @gluon.jit
-def _add_pairs(pointers, values, mask):
-    """values added into pointers' float32s, two neighbours at a time (`red.global.add.v2.f32`,
-    sm_90: no value returned, half the operations of scalar atomics), where mask is set. The
-    pairs are a thread's consecutive elements: in a wgmma accumulator, two neighbouring columns."""
-    return gl.inline_asm_elementwise(
-        """{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.relaxed.gpu.global.add.v2.f32 [$2], {$6, $7};
-        mov.b32 $0, 0; mov.b32 $1, 0; }""",
-        "=r,=r,l,l,r,r,r,r", [pointers.to(gl.int64), mask.to(gl.int32), values], dtype=gl.int32, is_pure=False, pack=2)
+def _step_rows(step, per_head, last_first, head0, BLOCK_M: gl.constexpr):
+    """(query head, first query) of a program's step: the group's heads in turn, each one's
+    query blocks from the last."""
+    member = step // per_head
+    return head0 + member, last_first - (step - member * per_head) * BLOCK_M
 
 
 @gluon.jit
-def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, L2, DELTA, DQ_ACC, TURNS,
-                               stride_sb, stride_sh, stride_qb, stride_qh, stride_qn, stride_tb, stride_th,
-                               kv_heads, group, n_q, n_k, scale, qk_scale, softcap_log2, window_left,
-                               window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-                               NUM_STAGES: gl.constexpr, DQ_SLICE: gl.constexpr, DETERMINISTIC: gl.constexpr, DQ_ADD: gl.constexpr,
-                               WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
-                               num_warps: gl.constexpr):
-    """dK, dV of one key block of one K/V head and its share of dQ (Algorithm 2, lines 6-18).
-    Programs run key block major, (batch, K/V head) fastest, so that the programs running
-    together belong to many heads. The group's query heads (GQA) and their query blocks are one
-    flat loop, each head's blocks from the last."""
-    bh_count = gl.num_programs(0) // gl.cdiv(n_k, BLOCK_N)
-    bh = gl.program_id(0) % bh_count
-    key_block = gl.program_id(0) // bh_count
-    batch = bh // kv_heads
-    kv_head = bh % kv_heads
-    k_first = key_block * BLOCK_N
-    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
-                                         WINDOW_LEFT, WINDOW_RIGHT)
-    q_start = lo // BLOCK_M * BLOCK_M
-    blocks = gl.maximum(gl.cdiv(hi - q_start, BLOCK_M), 0)
-    last_first = q_start + (blocks - 1) * BLOCK_M  # the first query of the last block
-    n_steps = group * blocks
-    head0 = kv_head * group
+def _add_dq_share(dq_desc, dq_box, TURNS, stride_tb, stride_th, batch, head, q_first, key_block, n_q, n_k,
+                  window_left, window_right, like, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                  DETERMINISTIC: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+    """Line 15's write: the staged share of dQ_i added into the float32 buffer by TMA. With
+    DETERMINISTIC, in this key block's turn at the dQ block (the key blocks before it that the
+    block's queries see add first; key_range's lo is the first key block to visit the block),
+    passed on once the add has been written."""
+    if DETERMINISTIC:
+        first_key, _all_lo, _all_hi, _hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
+                                                     WINDOW_LEFT, WINDOW_RIGHT)
+        counter = TURNS + batch * stride_tb + head * stride_th + q_first // BLOCK_M
+        _wait_for_turn(counter, key_block - first_key // BLOCK_N)
+    _tma_add(dq_desc, [batch, head, q_first, 0], dq_box)
+    if DETERMINISTIC:
+        _bulk_writes_done(like)
+        gl.thread_barrier()
+        gl.atomic_add(counter, 1, sem="release")
+    else:
+        tma.store_wait(pendings=0)
 
+
+@gluon.jit
+def _dq_writer(dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
+               per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N: gl.constexpr,
+               BLOCK_M: gl.constexpr, DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
+               WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+    """The one-warp partition that adds the staged shares of dQ, so that the compute warps never
+    wait on an add (or, with DETERMINISTIC, on their turn) unless DQ_STAGES shares are pending."""
+    like = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    for step in range(n_steps):
+        slot = step % DQ_STAGES
+        mbarrier.wait(dq_ready.index(slot), phase=(step // DQ_STAGES) & 1)
+        head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
+        _add_dq_share(dq_desc, dq_boxes.index(slot), TURNS, stride_tb, stride_th, batch, head, q_first, key_block,
+                      n_q, n_k, window_left, window_right, like, BLOCK_N, BLOCK_M, DETERMINISTIC, WINDOW_LEFT,
+                      WINDOW_RIGHT)
+        mbarrier.arrive(dq_free.index(slot), count=1)
+
+
+@gluon.jit
+def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
+                     dq_ready, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch, head0,
+                     k_first, key_block, last_first, per_head, n_steps, all_lo, all_hi, n_q, n_k, scale, qk_scale,
+                     softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                     HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, DQ_SLICE: gl.constexpr,
+                     DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
+                     WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
+                     num_warps: gl.constexpr):
+    """The compute warps' loop over query blocks (Algorithm 2, lines 8-17): returns dK (unscaled)
+    and dV. Each step's share of dQ is staged in shared memory for the writer."""
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -117,27 +141,6 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     st_cols: gl.constexpr = gl.SliceLayout(0, st_layout)
     dtype: gl.constexpr = q_desc.dtype
 
-    # Lines 6-7: load K_j, V_j (kept); dK_j = dV_j = 0. Q_i and dO_i stream through the ring.
-    k_box = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_box = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_boxes = _ring(q_desc, NUM_STAGES)
-    do_boxes = _ring(do_desc, NUM_STAGES)
-    # dS^T goes through shared memory: dQ's product contracts over all BLOCK_N keys, which the
-    # warpgroups hold between them.
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-    if DQ_ADD == 3:  # dQ's share goes out through shared memory, added by TMA
-        dq_box = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
-        dq_stage = dq_box.reshape([BLOCK_M, HEAD_D])
-    kv_bar = _barriers(1)
-    bars = _barriers(NUM_STAGES)
-    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), k_box)
-    tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
-    per_head = gl.maximum(blocks, 1)
-    for step in gl.static_range(NUM_STAGES - 1):
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head0 + step // per_head,
-                   last_first - step % per_head * BLOCK_M, step, n_steps, NUM_STAGES)
     k_tile = k_box.reshape([BLOCK_N, HEAD_D])
     v_tile = v_box.reshape([BLOCK_N, HEAD_D])
     dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=kv_layout)
@@ -145,23 +148,21 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
     dq_zero = gl.zeros([BLOCK_M, DQ_SLICE], gl.float32, layout=dq_layout)
     keys = gl.expand_dims(k_first + gl.arange(0, BLOCK_N, layout=st_rows), 1)
-    dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-    dq_cols = gl.expand_dims(gl.arange(0, DQ_SLICE, layout=gl.SliceLayout(0, dq_layout)), 0)
     mbarrier.wait(kv_bar.index(0), phase=0)
 
     for step in range(n_steps):
         slot = step % NUM_STAGES
-        member = step // per_head
-        q_first = last_first - (step - member * per_head) * BLOCK_M
+        head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
         ahead = step + NUM_STAGES - 1
+        ahead_head, ahead_first = _step_rows(ahead, per_head, last_first, head0, BLOCK_M)
         # Every warp is done with the ring slot and dS^T of the previous step.
         gl.thread_barrier()
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head0 + ahead // per_head,
-                   last_first - ahead % per_head * BLOCK_M, ahead, n_steps, NUM_STAGES)
+        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, ahead_head, ahead_first, ahead, n_steps,
+                   NUM_STAGES)
         # Row statistics of these queries: L (log2 units) and D, padded (v2_row_stats): every
         # block read lies inside them, and rows past Nq have L = +inf, so P = 0 there.
         queries = q_first + gl.arange(0, BLOCK_M, layout=st_cols)
-        stats = (batch * stride_sb + (head0 + member) * stride_sh) + queries
+        stats = (batch * stride_sb + head * stride_sh) + queries
         lse = gl.load(L2 + stats)
         delta = gl.load(DELTA + stats)
         mbarrier.wait(bars.index(slot), phase=(step // NUM_STAGES) & 1)
@@ -199,58 +200,94 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
         fence_async_shared()
         gl.thread_barrier()
         # Line 15: dQ_i += dS_i K_j (times scale): dS_i the transposed view of dS^T in shared
-        # memory, DQ_SLICE columns at a time. Rows past Nq are not added (their P is 0, but the
-        # buffer ends at Nq).
-        head = head0 + member
-        rows = q_first + dq_rows
-        dq_row_ptrs = DQ_ACC + batch * stride_qb + head * stride_qh + gl.expand_dims(rows, 1) * stride_qn
-        row_mask = gl.expand_dims(rows < n_q, 1)
-        if DETERMINISTIC:
-            # This key block's turn at the dQ block: the key blocks before it that the block's
-            # queries see add first (key_range's lo: the first key block to visit the block).
-            first_key, _all_lo, _all_hi, _hi = key_range(q_first, n_q, n_k, window_left, window_right, BLOCK_M,
-                                                         WINDOW_LEFT, WINDOW_RIGHT)
-            counter = TURNS + batch * stride_tb + head * stride_th + q_first // BLOCK_M
-            turn = key_block - first_key // BLOCK_N
+        # memory, DQ_SLICE columns at a time, staged in shared memory for TMA's add.
+        dq_slot = step % DQ_STAGES
+        dq_stage = dq_boxes.index(dq_slot).reshape([BLOCK_M, HEAD_D])
         for col in gl.static_range(0, HEAD_D, DQ_SLICE):
             dq_share = warpgroup_mma(ds_smem.permute((1, 0)), k_tile.slice(col, DQ_SLICE, dim=1), dq_zero,
                                      use_acc=False, is_async=True)
             if col == 0:  # every product of the step is done: dV's and dK's, and their operands are free
                 dq_share, dk, dv, p_operand, ds_operand = warpgroup_mma_wait(
                     num_outstanding=0, deps=(dq_share, dk, dv, p_operand, ds_operand))
-                if DETERMINISTIC:
-                    _wait_for_turn(counter, turn)
+                # The writer has added the stage's previous share.
+                mbarrier.wait(dq_free.index(dq_slot), phase=((step // DQ_STAGES) & 1) ^ 1)
             else:
                 dq_share = warpgroup_mma_wait(num_outstanding=0, deps=(dq_share, ))
-            if DQ_ADD == 0:
-                gl.atomic_add(dq_row_ptrs + (col + dq_cols), dq_share * scale, mask=row_mask, sem="relaxed")
-            elif DQ_ADD == 1:
-                _add_pairs(dq_row_ptrs + (col + dq_cols), dq_share * scale, row_mask & (dq_cols >= 0))
-            elif DQ_ADD == 3:
-                if col == 0:  # the previous step's add has read the stage
-                    tma.store_wait(pendings=0)
-                    gl.thread_barrier()
-                dq_stage.slice(col, DQ_SLICE, dim=1).store(dq_share * scale)
-        if DQ_ADD == 3:
-            fence_async_shared()
-            gl.thread_barrier()
-            _tma_add(dq_desc, [batch, head, q_first, 0], dq_box)
-        if DETERMINISTIC:
-            # Every warp's adds are issued, and TMA's written (the CTA barrier), before one
-            # thread passes the turn on with a release.
-            if DQ_ADD == 3:
-                _bulk_writes_done(row_mask)
-            gl.thread_barrier()
-            gl.atomic_add(counter, 1, sem="release")
-
+            dq_stage.slice(col, DQ_SLICE, dim=1).store(dq_share * scale)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(dq_ready.index(dq_slot), count=1)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-    if DQ_ADD == 3:
-        tma.store_wait(pendings=0)
+    return dk, dv
+
+
+@gluon.jit
+def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, L2, DELTA, TURNS,
+                               stride_sb, stride_sh, stride_tb, stride_th, kv_heads, group, n_q, n_k, scale, qk_scale,
+                               softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                               HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, DQ_SLICE: gl.constexpr,
+                               DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
+                               WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
+                               num_warps: gl.constexpr):
+    """dK, dV of one key block of one K/V head and its share of dQ (Algorithm 2, lines 6-18).
+    Programs run key block major, (batch, K/V head) fastest, so that the programs running
+    together belong to many heads. The group's query heads (GQA) and their query blocks are one
+    flat loop, each head's blocks from the last."""
+    bh_count = gl.num_programs(0) // gl.cdiv(n_k, BLOCK_N)
+    bh = gl.program_id(0) % bh_count
+    key_block = gl.program_id(0) // bh_count
+    batch = bh // kv_heads
+    kv_head = bh % kv_heads
+    k_first = key_block * BLOCK_N
+    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
+                                         WINDOW_LEFT, WINDOW_RIGHT)
+    q_start = lo // BLOCK_M * BLOCK_M
+    blocks = gl.maximum(gl.cdiv(hi - q_start, BLOCK_M), 0)
+    per_head = gl.maximum(blocks, 1)
+    last_first = q_start + (blocks - 1) * BLOCK_M  # the first query of the last block
+    n_steps = group * blocks
+    head0 = kv_head * group
+    dtype: gl.constexpr = q_desc.dtype
+
+    # Lines 6-7: load K_j, V_j (kept); dK_j = dV_j = 0. Q_i and dO_i stream through the ring.
+    k_box = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_box = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_boxes = _ring(q_desc, NUM_STAGES)
+    do_boxes = _ring(do_desc, NUM_STAGES)
+    # dS^T goes through shared memory: dQ's product contracts over all BLOCK_N keys, which the
+    # warpgroups hold between them. dQ's shares go out through a ring of float32 stages.
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    dq_boxes = _ring(dq_desc, DQ_STAGES)
+    kv_bar = _barriers(1)
+    bars = _barriers(NUM_STAGES)
+    dq_ready = _barriers(DQ_STAGES)
+    dq_free = _barriers(DQ_STAGES)
+    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), k_box)
+    tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
+    for step in gl.static_range(NUM_STAGES - 1):
+        head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
+        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head, q_first, step, n_steps, NUM_STAGES)
+
+    dk, dv = gl.warp_specialize([
+        (_key_block_steps, (q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
+                            dq_ready, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch,
+                            head0, k_first, key_block, last_first, per_head, n_steps, all_lo, all_hi, n_q, n_k, scale,
+                            qk_scale, softcap_log2, window_left, window_right, BLOCK_N, BLOCK_M, HEAD_D, NUM_STAGES,
+                            DQ_SLICE, DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, num_warps)),
+        (_dq_writer, (dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
+                      per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
+                      DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)),
+    ], [1], [WRITER_REGISTERS])
     _invalidate(kv_bar, 1)
     _invalidate(bars, NUM_STAGES)
+    _invalidate(dq_ready, DQ_STAGES)
+    _invalidate(dq_free, DQ_STAGES)
     # Line 18: write dK_j (dS was taken w.r.t. the scaled scores: dK = scale dS^T Q) and dV_j,
     # through the K and V tiles' shared memory, read no more.
-    gl.thread_barrier()
+    k_tile = k_box.reshape([BLOCK_N, HEAD_D])
+    v_tile = v_box.reshape([BLOCK_N, HEAD_D])
     k_tile.store((dk * scale).to(dtype))
     v_tile.store(dv.to(dtype))
     fence_async_shared()
@@ -259,14 +296,14 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     tma.store_wait(pendings=0)
 
 
-def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, deterministic=True, blocks=None, dq_add=3):
+def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, deterministic=True, blocks=None):
     """dQ, dK, dV from v2.v2_row_stats' (lse2, delta), for a call that `supports_backward`
     accepts (d_out contiguous). With `deterministic`, dQ's bits repeat from run to run."""
     keys_owned, queries_step, warps = blocks or BACKWARD_BLOCKS[problem.head_dim]
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dq_accum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    turns = dq_accum
+    turns = lse2  # not read without `deterministic`
     if deterministic:
         turns = torch.zeros((problem.batch, problem.q_heads, cdiv(problem.n_q, queries_step)), device=q.device,
                             dtype=torch.int32)
@@ -275,10 +312,9 @@ def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, determinis
     _v2_hopper_backward_kernel[grid](
         _descriptor(q, queries_step), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
         _descriptor(d_out, queries_step), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
-        _descriptor(dq_accum, queries_step),
-        lse2, delta, dq_accum, turns, lse2.stride(0), lse2.stride(1), *dq_accum.stride()[:3],
+        _descriptor(dq_accum, queries_step), lse2, delta, turns, lse2.stride(0), lse2.stride(1),
         turns.stride(0), turns.stride(1), problem.kv_heads, problem.group, problem.n_q, problem.n_k, problem.scale,
         args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"],
-        keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICE, deterministic, dq_add,
+        keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICE, DQ_STAGES, deterministic,
         args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"], num_warps=warps)
     return dq_accum.to(q.dtype), dk, dv
