@@ -33,7 +33,7 @@ BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8)}
 NUM_STAGES = 2
 DQ_SLICE = 64  # dQ's share is formed DQ_SLICE columns at a time, which keeps it in few registers
 DQ_STAGES = 2  # shares of dQ staged for TMA's add at once
-WRITER_REGISTERS = gl.constexpr(48)  # a thread of the one-warp dQ writer (setmaxnreg); the compute warps get the rest
+WRITER_REGISTERS = gl.constexpr(24)  # a thread of the one-warp dQ writer (setmaxnreg); the compute warps get the rest
 
 
 def supports_backward(q, k, v, problem: Problem) -> bool:
@@ -169,9 +169,12 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
         q_tile = _tile(q_boxes, slot, BLOCK_M, HEAD_D)
         do_tile = _tile(do_boxes, slot, BLOCK_M, HEAD_D)
         # Line 10: S^T = K Q^T; line 13: dP^T = V dO^T, issued behind it.
-        st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        st = warpgroup_mma_wait(num_outstanding=1, deps=(st, ))
+        if SOFTCAP:
+            st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        else:  # S - L / scale in one product: the accumulator starts at -L / scale (log2 units)
+            st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero - gl.expand_dims(lse / qk_scale, 0),
+                               is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
         # Line 11: P = exp2(S - L), in log2 units (with a softcap c: c tanh(scale q.k / c) log2(e)),
         # while dP^T's product runs.
         scores_t = st * qk_scale
@@ -179,19 +182,24 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
         if SOFTCAP:
             capped_t = tanh(scores_t)
             scores_t = capped_t * softcap_log2
-        if (q_first < all_lo) | (q_first + BLOCK_M > all_hi):  # an edge of the window
+        if WINDOW_LEFT or WINDOW_RIGHT:  # every step: a branch on the window's edges spills at D 128
             visible = is_visible(gl.expand_dims(queries, 0), keys, n_q, n_k, window_left, window_right,
                                  WINDOW_LEFT, WINDOW_RIGHT)
             scores_t = gl.where(visible, scores_t, float("-inf"))
-        p_t = gl.exp2(scores_t - gl.expand_dims(lse, 0))
+        if SOFTCAP:
+            scores_t = scores_t - gl.expand_dims(lse, 0)
+        p_t = gl.exp2(scores_t)
         # Line 12: dV += P^T dO, P^T from registers.
         p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
+        # dP^T - D in one product: the accumulator starts at -D (broadcast), so D needs no
+        # registers of its own while the product runs.
+        dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero - gl.expand_dims(delta, 0), is_async=True)
         dv = warpgroup_mma(p_operand, do_tile, dv, is_async=True)
         if SOFTCAP:  # the softcap's derivative 1 - tanh^2, folded into P
             p_t = p_t * (1.0 - capped_t * capped_t)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
         # Line 14: dS = P * (dP - D), while dV's product runs.
-        ds_t = (p_t * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+        ds_t = (p_t * dpt).to(dtype)
         # Line 16: dK += dS^T Q (times scale, once at the end), dS^T from registers; dS^T to
         # shared memory behind it, for dQ.
         ds_operand = gl.convert_layout(ds_t, op_layout)
