@@ -50,11 +50,11 @@ def test_compiles_within_shared_memory(variant):
             f"{variant}: no tensor-core instruction in its PTX")
 
 
-def _hopper_variants():
+def _hopper_variants(kernel="forward"):
     try:
-        from flashtile.triton_kernels.aot import hopper_variants
+        from flashtile.triton_kernels.aot import hopper_backward_variants, hopper_variants
 
-        return hopper_variants()
+        return hopper_variants() if kernel == "forward" else hopper_backward_variants()
     except ImportError:  # Triton 3.2 has no Gluon, and flashtile no Hopper kernels there
         return []
 
@@ -72,3 +72,26 @@ def test_hopper_forward_compiles_for_sm90(dtype, head_dim, flags):
     assert tensor_core_instructions(ptx, 90) > 0 and "cp.async.bulk.tensor" in ptx
     registers, stack = cubin_resources(compiled.asm["cubin"])
     assert stack == "?" or int(stack) == 0, f"{stack} bytes of stack: registers spilled"
+
+
+# Stack bytes of v2_hopper_backward.py's kernel at D 128 as compiled (32-128: the compute warps
+# have 240 registers under setmaxnreg); a bound, so that a change that spills more is noticed.
+HOPPER_BACKWARD_STACK = {64: 0, 128: 128}
+
+
+@pytest.mark.parametrize("dtype,head_dim,flags", _hopper_variants("backward"), ids=str)
+def test_hopper_backward_compiles_for_sm90(dtype, head_dim, flags):
+    """v2_hopper_backward.py's deterministic one-pass backward, every specialisation: a cubin
+    within sm_90's shared memory, with wgmma products, a warp-specialised dQ writer adding by TMA,
+    and the turn's acquire and release."""
+    from flashtile.triton_kernels._common import SHARED_MEMORY_LIMIT
+    from flashtile.triton_kernels.aot import compile_hopper, cubin_resources
+
+    compiled = compile_hopper(dtype, head_dim, flags, "backward")
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[90]
+    ptx = compiled.asm["ptx"]
+    assert tensor_core_instructions(ptx, 90) > 0 and "setmaxnreg" in ptx
+    assert "cp.reduce.async.bulk.tensor" in ptx and ".add" in ptx
+    assert "ld.global.gpu.acquire" in ptx and "atom.global.gpu.release.add" in ptx
+    registers, stack = cubin_resources(compiled.asm["cubin"])
+    assert stack == "?" or int(stack) <= HOPPER_BACKWARD_STACK[head_dim], f"{stack} bytes of stack"

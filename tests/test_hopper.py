@@ -1,7 +1,9 @@
 """v2's Hopper forward (flashtile/triton_kernels/v2_hopper.py, Gluon): which calls it serves, and
 its results against float64 with the project's rule, every feature and odd lengths, with the
-gradients that v2.py's backward takes from its O and lse. On an sm_90 GPU only; elsewhere
-skipped. The parity suite (test_parity.py) runs it too, wherever it serves v2's calls there."""
+gradients that v2.py's backward takes from its O and lse. Then the one-pass backward
+(v2_hopper_backward.py, FLASHTILE_ONE_PASS_BACKWARD=1) the same way, and its determinism. On an
+sm_90 GPU only; elsewhere skipped. The parity suite (test_parity.py) runs the forward too,
+wherever it serves v2's calls there."""
 import os
 
 import pytest
@@ -109,3 +111,57 @@ def test_small_calls_stay_on_the_portable_kernel(monkeypatch):
     assert not served(window, window, window=(255, 0))  # a 256-key window, H 16
     assert served(window, window, window=(1023, 0))
     assert served(window, window)
+
+
+def one_pass_served(q, k, **options):
+    window = options.get("window", (-1, -1))
+    problem = _common.Problem.of(q, k, None, None, None, None, q.shape[-1] ** -0.5, window[0], window[1],
+                                 options.get("softcap", 0.0))
+    return v2.v2_hopper_backward.supports_backward(q, k, k, problem)
+
+
+def test_the_one_pass_backward_is_asked_for(monkeypatch):
+    """Off by default; on with FLASHTILE_ONE_PASS_BACKWARD=1 where the forward is served, at D 64
+    and 128; and then it is what runs."""
+    q, k, v = make_qkv(1, 2, 200, 200, 128, torch.float16, device="cuda", requires_grad=True)
+    assert not one_pass_served(q, k)
+    monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "1")
+    assert one_pass_served(q, k, window=(16, 0), softcap=5.0)
+    assert not one_pass_served(*make_qkv(1, 2, 64, 64, 256, torch.float16, device="cuda")[:2])  # D 256
+    launched = []
+    real = v2.v2_hopper_backward.v2_hopper_backward
+    monkeypatch.setattr(v2.v2_hopper_backward, "v2_hopper_backward",
+                        lambda *args: launched.append("one pass") or real(*args))
+    from flashtile import attention
+    attention(q, k, v, causal=True).sum().backward()
+    assert launched == ["one pass"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("n_q,n_k", SHAPES)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_one_pass_backward_against_float64(monkeypatch, dtype, head_dim, feature, n_q, n_k, groups):
+    monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "1")
+    options = dict(FEATURES[feature])
+    causal = options.pop("causal", False)
+    q, k, v = make_qkv(2, 4, n_q, n_k, head_dim, dtype, device="cuda", seed=n_q + n_k, kv_heads=4 // groups,
+                       requires_grad=True, layout="mixed" if groups == 4 else "contiguous")
+    window = options.get("window_size", (-1, -1))
+    assert one_pass_served(q, k, window=(window[0], 0 if causal else window[1]), softcap=options.get("softcap", 0.0))
+    check_attention(q, k, v, causal, grad_out=make_grad_out(2, 4, n_q, head_dim, dtype, device="cuda"), **options)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_pass_backward_repeats_its_bits(monkeypatch, causal):
+    """The key blocks' turns fix the order of dQ's float32 adds: the same call gives the same
+    bits, at a shape where many programs of a head run together (GQA, a window edge, Nq != Nk)."""
+    monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "1")
+    from flashtile.testing import flashtile_impl, run_attention
+    q, k, v = make_qkv(2, 8, 2000, 3001, 128, torch.bfloat16, device="cuda", kv_heads=2)
+    d_out = make_grad_out(2, 8, 2000, 128, torch.bfloat16, device="cuda")
+    options = dict(window_size=(700, -1 if not causal else 0))
+    runs = [run_attention(flashtile_impl("v2"), q, k, v, causal, None, d_out, **options) for _ in range(3)]
+    for name in ("dq", "dk", "dv"):
+        assert all(torch.equal(run[name], runs[0][name]) for run in runs[1:]), name

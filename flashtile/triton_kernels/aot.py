@@ -245,6 +245,15 @@ def hopper_variants():
             for flags in HOPPER_FLAGS]
 
 
+def hopper_backward_variants():
+    """(dtype, head_dim, (WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)) of every specialisation of
+    v2_hopper_backward.py's deterministic backward."""
+    from . import v2_hopper_backward
+
+    return [(dtype, head_dim, flags) for dtype in SHIPPED_DTYPES[90]
+            for head_dim in sorted(v2_hopper_backward.BACKWARD_BLOCKS) for flags in HOPPER_FLAGS]
+
+
 def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", deterministic: bool = True,
                    blocks=None):
     """Compile one of the Gluon kernels for sm_90 (v2_hopper.py's forward, or

@@ -34,10 +34,10 @@ from ._common import (LN_2, LOG2_E, ROWWISE_WARPS, STAT_BLOCK, Problem, autotune
                       store_tile, tile_pointers)
 from ._launch import DirectKernel
 
-try:  # Gluon, and so the Hopper forward, ships with Triton 3.6, not with 3.2 (flashtile's Turing version)
-    from . import v2_hopper
+try:  # Gluon, and so the Hopper kernels, ships with Triton 3.6, not with 3.2 (flashtile's Turing version)
+    from . import v2_hopper, v2_hopper_backward
 except ImportError:
-    v2_hopper = None
+    v2_hopper = v2_hopper_backward = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,12 +490,15 @@ def dkdv(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum=None):
 
 
 def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
-    """dQ, dK, dV: the row statistics' pass (D), then dK/dV over key blocks and dQ over query blocks.
+    """dQ, dK, dV: the row statistics' pass (D), then dK/dV over key blocks and dQ over query blocks
+    (on Hopper with FLASHTILE_ONE_PASS_BACKWARD=1, v2_hopper_backward.py's deterministic one pass).
 
     One stream: dQ on a second stream beside dK/dV gained about 1% at large shapes and cost
     0.1-0.35 ms of a 1 ms call at small ones (docs/results.md, "Paired rounds")."""
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
     lse2, delta = v2_row_stats(out, d_out, lse, problem)
+    if v2_hopper_backward is not None and v2_hopper_backward.supports_backward(q, k, v, problem):
+        return v2_hopper_backward.v2_hopper_backward(q, k, v, d_out, lse2, delta, problem)
     dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     _v2_dq_kernel[problem.grid("q", "BLOCK_M", problem.q_heads)](

@@ -1,21 +1,32 @@
-"""A one-pass backward for Hopper (sm_90) in Gluon: FlashAttention-2's Algorithm 2 as the paper
-writes it (one program per key block; S and dP computed once; dQ_i += dS_i K_j added into a
-float32 buffer), with the products of one step overlapped rather than run one after another:
-- S^T = K Q^T and dP^T = V dO^T are issued together; P is exponentiated while dP^T's product
-  runs, and dV += P^T dO runs while dS is formed;
-- dK += dS^T Q runs while dS^T is stored to shared memory for dQ's product.
-Five products a (key block, query block) pair, against the seven of v2.py's two passes.
+"""v2's backward in one pass for Hopper (sm_90) in Gluon, deterministic: FlashAttention-2's
+Algorithm 2 as the paper writes it (one program per key block; S and dP computed once, five
+products a (key block, query block) pair against the seven of v2.py's two passes; dQ_i += dS_i K_j
+added into a float32 buffer), with dQ's adds made in a fixed order (FlashAttention-3's
+deterministic backward), so that dQ's bits repeat from run to run as v2.py's do.
 
-With DETERMINISTIC the key blocks add into a dQ block one at a time, in the order of their index
-(FlashAttention-3's deterministic backward): a counter per (batch, head, query block) says whose
-turn it is, so the float32 sums are formed in the same order on every run and dQ's bits repeat.
-To keep the waits short, every program visits its query blocks from the last to the first: the
-programs of one head that run together then reach the same query block at about the same time.
+- Compute warps (two warpgroups, 64 keys each): S^T = K Q^T, P, dP^T = V dO^T while dV += P^T dO
+  is issued, dS, dK += dS^T Q while dS^T is stored for dQ's product, and dQ's share dS K, staged
+  in a ring of DQ_STAGES float32 boxes in shared memory.
+- A one-warp writer partition adds each staged share into the buffer by TMA
+  (`cp.reduce.async.bulk.tensor` .add). With DETERMINISTIC it first waits for this key block's
+  turn at the dQ block (a counter per (batch, head, query block): the key blocks that see the
+  block add in the order of their index) and passes the turn on once the add has been written.
+  The compute warps wait for neither, unless DQ_STAGES shares are pending.
+- Every program visits its query blocks from the last to the first, so that the programs of one
+  head that run together reach the same dQ block at about the same time.
 
 Q_i and dO_i stream through a ring of NUM_STAGES slots by TMA; K_j and V_j stay in shared memory.
 Key-major: S^T and dP^T are BLOCK_N x BLOCK_M, so P^T and dS^T are the A operands of dV's and
-dK's products straight from registers.
+dK's products straight from registers. The compute warps have 240 registers a thread
+(setmaxnreg), and D 128 keeps within them only by starting the dP^T accumulator at -D and,
+without a softcap, the S^T accumulator at -L / scale.
+
+On the H200 this runs at 1.00-1.08x of v2.py's two passes at D 128 and N >= 4096, and 0.81-0.97x
+elsewhere (docs/results.md, "A one-pass deterministic backward in Gluon"), so it serves v2 only
+when asked (FLASHTILE_ONE_PASS_BACKWARD=1).
 """
+import os
+
 import torch
 from triton._C.libtriton import ir
 from triton.experimental import gluon
@@ -37,9 +48,11 @@ WRITER_REGISTERS = gl.constexpr(24)  # a thread of the one-warp dQ writer (setma
 
 
 def supports_backward(q, k, v, problem: Problem) -> bool:
-    """Whether `v2_hopper_backward` serves this call: as v2_hopper.supports, at a head dim of
+    """Whether `v2_hopper_backward` serves v2's backward of this call: with
+    FLASHTILE_ONE_PASS_BACKWARD=1, where v2_hopper.supports the call, at a head dim of
     BACKWARD_BLOCKS."""
-    return problem.head_dim in BACKWARD_BLOCKS and supports(q, k, v, problem)
+    return (os.environ.get("FLASHTILE_ONE_PASS_BACKWARD", "0") == "1" and problem.head_dim in BACKWARD_BLOCKS
+            and supports(q, k, v, problem))
 
 
 @gluon.jit
@@ -306,7 +319,9 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
 
 def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, deterministic=True, blocks=None):
     """dQ, dK, dV from v2.v2_row_stats' (lse2, delta), for a call that `supports_backward`
-    accepts (d_out contiguous). With `deterministic`, dQ's bits repeat from run to run."""
+    accepts (d_out contiguous). With `deterministic` (v2's), dQ's bits repeat from run to run;
+    without it the adds come in any order (for comparison). blocks: (keys a program owns,
+    queries a step, warps), BACKWARD_BLOCKS' by default."""
     keys_owned, queries_step, warps = blocks or BACKWARD_BLOCKS[problem.head_dim]
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
