@@ -21,7 +21,7 @@ dK's products straight from registers. The compute warps have 240 registers a th
 (setmaxnreg), and D 128 keeps within them only by starting the dP^T accumulator at -D and,
 without a softcap, the S^T accumulator at -L / scale.
 
-On the H200 this runs at 1.00-1.08x of v2.py's two passes at D 128 and N >= 4096, and 0.81-0.97x
+On the H200 this runs at 1.00-1.08x of v2.py's two passes at D 128 and N >= 4096, and 0.79-0.97x
 elsewhere (docs/results.md, "A one-pass deterministic backward in Gluon"), so it serves v2 only
 when asked (FLASHTILE_ONE_PASS_BACKWARD=1).
 """
