@@ -134,7 +134,7 @@ def _dq_writer(dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th
 @gluon.jit
 def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
                      dq_ready, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch, head0,
-                     k_first, key_block, last_first, per_head, n_steps, all_lo, all_hi, n_q, n_k, scale, qk_scale,
+                     k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale, qk_scale,
                      softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                      HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, DQ_SLICE: gl.constexpr,
                      DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
@@ -260,7 +260,7 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     batch = bh // kv_heads
     kv_head = bh % kv_heads
     k_first = key_block * BLOCK_N
-    lo, all_lo, all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
+    lo, _all_lo, _all_hi, hi = query_range(k_first, n_q, n_k, window_left, window_right, BLOCK_N,
                                          WINDOW_LEFT, WINDOW_RIGHT)
     q_start = lo // BLOCK_M * BLOCK_M
     blocks = gl.maximum(gl.cdiv(hi - q_start, BLOCK_M), 0)
@@ -294,7 +294,7 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     dk, dv = gl.warp_specialize([
         (_key_block_steps, (q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
                             dq_ready, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch,
-                            head0, k_first, key_block, last_first, per_head, n_steps, all_lo, all_hi, n_q, n_k, scale,
+                            head0, k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale,
                             qk_scale, softcap_log2, window_left, window_right, BLOCK_N, BLOCK_M, HEAD_D, NUM_STAGES,
                             DQ_SLICE, DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, num_warps)),
         (_dq_writer, (dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
