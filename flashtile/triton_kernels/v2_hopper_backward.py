@@ -181,15 +181,15 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
         mbarrier.wait(bars.index(slot), phase=(step // NUM_STAGES) & 1)
         q_tile = _tile(q_boxes, slot, BLOCK_M, HEAD_D)
         do_tile = _tile(do_boxes, slot, BLOCK_M, HEAD_D)
-        # Line 10: S^T = K Q^T; line 13: dP^T = V dO^T, issued behind it.
+        # Line 10: S^T = K Q^T.
         if SOFTCAP:
             st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         else:  # S - L / scale in one product: the accumulator starts at -L / scale (log2 units)
             st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero - gl.expand_dims(lse / qk_scale, 0),
                                is_async=True)
         st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
-        # Line 11: P = exp2(S - L), in log2 units (with a softcap c: c tanh(scale q.k / c) log2(e)),
-        # while dP^T's product runs.
+        # Line 11: P = exp2(S - L), in log2 units (with a softcap c: c tanh(scale q.k / c) log2(e)).
+        # dP^T is issued only after P: with both accumulators in flight D 128 spills.
         scores_t = st * qk_scale
         capped_t = scores_t
         if SOFTCAP:
@@ -199,10 +199,12 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
             visible = is_visible(gl.expand_dims(queries, 0), keys, n_q, n_k, window_left, window_right,
                                  WINDOW_LEFT, WINDOW_RIGHT)
             scores_t = gl.where(visible, scores_t, float("-inf"))
+        # Without a window nothing is masked: keys past Nk are TMA's zero rows, whose P reaches
+        # only their own rows of dK and dV (not written back) and dQ through K's zero rows.
         if SOFTCAP:
             scores_t = scores_t - gl.expand_dims(lse, 0)
         p_t = gl.exp2(scores_t)
-        # Line 12: dV += P^T dO, P^T from registers.
+        # Line 13: dP^T = V dO^T, issued before line 12's dV += P^T dO (P^T from registers).
         p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
         # dP^T - D in one product: the accumulator starts at -D (broadcast), so D needs no
         # registers of its own while the product runs.
