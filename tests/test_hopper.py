@@ -26,12 +26,14 @@ def any_size(monkeypatch):
         monkeypatch.setattr(v2.v2_hopper, "MIN_WORK", 0)
 
 
+def problem_of(q, k, cu_seqlens=None, max_seqlen=None, window=(-1, -1), softcap=0.0):
+    return _common.Problem.of(q, k, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, q.shape[-1] ** -0.5,
+                              window[0], window[1], softcap)
+
+
 def served(q, k, cu_seqlens=None, max_seqlen=None, **options):
     """Whether the Hopper kernel would serve attention(q, k, k, **options)."""
-    window = options.get("window", (-1, -1))
-    problem = _common.Problem.of(q, k, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, q.shape[-1] ** -0.5,
-                                 window[0], window[1], options.get("softcap", 0.0))
-    return v2.v2_hopper.supports(q, k, k, problem)
+    return v2.v2_hopper.supports(q, k, k, problem_of(q, k, cu_seqlens, max_seqlen, **options))
 
 
 def test_which_calls_it_serves(monkeypatch):
@@ -114,10 +116,8 @@ def test_small_calls_stay_on_the_portable_kernel(monkeypatch):
 
 
 def one_pass_served(q, k, **options):
-    window = options.get("window", (-1, -1))
-    problem = _common.Problem.of(q, k, None, None, None, None, q.shape[-1] ** -0.5, window[0], window[1],
-                                 options.get("softcap", 0.0))
-    return v2.v2_hopper_backward.supports_backward(q, k, k, problem)
+    """Whether the one-pass backward would serve attention(q, k, k, **options)'s backward."""
+    return v2.v2_hopper_backward.supports_backward(q, k, k, problem_of(q, k, **options))
 
 
 def test_the_one_pass_backward_is_asked_for(monkeypatch):
