@@ -134,55 +134,11 @@ def _query_block(q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M: g
 # ---------------------------------------------------------------------------------------
 
 @gluon.jit
-def _load_box(desc, boxes, bars, batch, head, row, step, n_steps, NUM_STAGES: gl.constexpr):
-    """Issue the TMA copy of the (1, 1, rows, D) box at (batch, head, row) into slot
-    step % NUM_STAGES of a ring; nothing when step >= n_steps."""
-    slot = step % NUM_STAGES
-    pred = step < n_steps
-    mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(desc, [batch, head, row, 0], bars.index(slot), boxes.index(slot), pred=pred)
-
-
-@gluon.jit
-def _scores(s, queries, kv_first, all_lo, all_hi, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
-            s_cols: gl.constexpr, BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-            SOFTCAP: gl.constexpr):
-    """S in log2 units from Q K^T (with a softcap c: c tanh(scale q.k / c) log2(e), v2.py's
-    scores_in_log2), -inf where the query does not see the key. Only the blocks that cross an
-    edge of what every query sees, or the end of K, are masked."""
-    scores = s * qk_scale
-    if SOFTCAP:
-        scores = tanh(scores) * softcap_log2
-    if (kv_first < all_lo) | (kv_first + BLOCK_N > all_hi):
-        keys = gl.expand_dims(kv_first + gl.arange(0, BLOCK_N, layout=s_cols), 0)
-        visible = is_visible(queries, keys, n_q, n_k, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
-        scores = gl.where(visible, scores, float("-inf"))
-    return scores
-
-
-@gluon.jit
-def _online_softmax(scores, row_max, row_sum):
-    """Algorithm 1, line 9: m_new = max(m, rowmax(S)), P~ = exp2(S - m_new), l = exp2(m - m_new) l
-    + rowsum(P~); returns (P~, exp2(m - m_new), m_new, l). A row that has seen no key keeps
-    m = -inf and shifts by 0: its P~ and correction are 0."""
-    new_max = gl.maximum(row_max, gl.max(scores, 1))
-    shift = gl.where(new_max == float("-inf"), 0.0, new_max)
-    p = gl.exp2(scores - gl.expand_dims(shift, 1))
-    correction = gl.exp2(row_max - shift)
-    return p, correction, new_max, row_sum * correction + gl.sum(p, 1)
-
-
-@gluon.jit
 def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                               q_heads, group, n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                               NUM_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                               SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
-    """Algorithm 1 for one query block, software-pipelined one block deep (FlashAttention-3,
-    section 3.2): step j issues S_j = Q K_j^T and O~ += P_{j-1} V_{j-1} together and forms P_j
-    from S_j while the second product runs, so the tensor cores are not idle during the
-    softmax. K_j and V_j have rings of their own: K_j's slot is free once S_j is done, V_j's
-    only a step later."""
     batch, head, kv_head, q_first, kv_start, n_steps, all_lo, all_hi = _query_block(
         q_heads, group, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
 
@@ -200,17 +156,15 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
     k_boxes = _ring(k_desc, NUM_STAGES)
     v_boxes = _ring(v_desc, NUM_STAGES)
     q_bar = _barriers(1)
-    k_bars = _barriers(NUM_STAGES)
-    v_bars = _barriers(NUM_STAGES)
+    kv_bars = _barriers(NUM_STAGES)
     q_tile = q_box.reshape([BLOCK_M, HEAD_D])
 
-    # Line 4: load Q_i; K_j and V_j go to slot j % NUM_STAGES of their rings.
+    # Line 4: load Q_i; and the first NUM_STAGES - 1 blocks of K and V.
     mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [batch, head, q_first, 0], q_bar.index(0), q_box)
-    for step in gl.static_range(NUM_STAGES):
-        _load_box(k_desc, k_boxes, k_bars, batch, kv_head, kv_start + step * BLOCK_N, step, n_steps, NUM_STAGES)
     for step in gl.static_range(NUM_STAGES - 1):
-        _load_box(v_desc, v_boxes, v_bars, batch, kv_head, kv_start + step * BLOCK_N, step, n_steps, NUM_STAGES)
+        _load_pair(k_desc, v_desc, k_boxes, v_boxes, kv_bars, batch, kv_head, kv_start + step * BLOCK_N, step,
+                   n_steps, NUM_STAGES)
     # Line 5: O~ = 0, l = 0, m = -inf (log2 units).
     row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=s_rows)
     row_sum = gl.zeros([BLOCK_M], gl.float32, layout=s_rows)
@@ -219,59 +173,47 @@ def _v2_hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
     queries = gl.expand_dims(q_first + gl.arange(0, BLOCK_M, layout=s_rows), 1)
     mbarrier.wait(q_bar.index(0), phase=0)
 
-    # Block 0: S_0 and P_0. A program that sees no key (n_steps = 0) computes it from a slot
-    # never loaded and sets every score to -inf.
-    mbarrier.wait(k_bars.index(0), phase=0, pred=n_steps > 0)
-    s = warpgroup_mma(q_tile, _tile(k_boxes, 0, BLOCK_N, HEAD_D).permute((1, 0)), s_zero, use_acc=False,
-                      is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    scores = _scores(s, queries, kv_start, all_lo, all_hi, n_q, n_k, qk_scale, softcap_log2, window_left,
-                     window_right, s_cols, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-    scores = gl.where(n_steps > 0, scores, float("-inf"))
-    p, _correction, row_max, row_sum = _online_softmax(scores, row_max, row_sum)  # O~ is 0: nothing to correct
-    p_operand = gl.convert_layout(p.to(dtype), p_layout)
-
-    for step in range(1, n_steps):
-        # Every warp is done with K_{step-1} (S_{step-1}) and V_{step-2} (P_{step-2} V_{step-2}):
-        # refill their slots with K_{step-1+NUM_STAGES} and V_{step-2+NUM_STAGES}.
-        gl.thread_barrier()
+    for step in range(n_steps):
+        slot = step % NUM_STAGES
         kv_first = kv_start + step * BLOCK_N
-        _load_box(k_desc, k_boxes, k_bars, batch, kv_head, kv_first + (NUM_STAGES - 1) * BLOCK_N,
-                  step - 1 + NUM_STAGES, n_steps, NUM_STAGES)
-        _load_box(v_desc, v_boxes, v_bars, batch, kv_head, kv_first + (NUM_STAGES - 2) * BLOCK_N,
-                  step - 2 + NUM_STAGES, n_steps, NUM_STAGES)
-        # Line 8: S_step = Q K_step^T (K^T a permuted view of the K tile), issued first ...
-        mbarrier.wait(k_bars.index(step % NUM_STAGES), phase=(step // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_tile, _tile(k_boxes, step % NUM_STAGES, BLOCK_N, HEAD_D).permute((1, 0)), s_zero,
-                          use_acc=False, is_async=True)
-        # ... then line 10 of the block before: O~ += P~_{step-1} V_{step-1}, P~ from registers.
-        prev = step - 1
-        mbarrier.wait(v_bars.index(prev % NUM_STAGES), phase=(prev // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p_operand, _tile(v_boxes, prev % NUM_STAGES, BLOCK_N, HEAD_D), acc, is_async=True)
-        # Line 9 on S_step while P~_{step-1} V_{step-1} runs.
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        scores = _scores(s, queries, kv_first, all_lo, all_hi, n_q, n_k, qk_scale, softcap_log2, window_left,
-                         window_right, s_cols, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP)
-        p, correction, row_max, row_sum = _online_softmax(scores, row_max, row_sum)
-        next_operand = gl.convert_layout(p.to(dtype), p_layout)
-        acc, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_operand))
-        # Line 10's diag(correction) O~, before the next block's product adds to it.
+        # Refill the slot that the previous block used: both warpgroups have waited for their
+        # products of it (the CTA barrier) before one thread issues the copy.
+        gl.thread_barrier()
+        _load_pair(k_desc, v_desc, k_boxes, v_boxes, kv_bars, batch, kv_head, kv_first + (NUM_STAGES - 1) * BLOCK_N,
+                   step + NUM_STAGES - 1, n_steps, NUM_STAGES)
+        mbarrier.wait(kv_bars.index(slot), phase=(step // NUM_STAGES) & 1)
+        k_tile = _tile(k_boxes, slot, BLOCK_N, HEAD_D)
+        # Line 8: S = Q K^T (K^T a permuted view of the K tile), in log2 units.
+        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        # In log2 units; with a softcap c, c tanh(scale q.k / c) log2(e) (v2.py's scores_in_log2).
+        scores = s * qk_scale
+        if SOFTCAP:
+            scores = tanh(scores) * softcap_log2
+        # Mask the blocks that cross an edge of what every query sees, or the end of K.
+        if (kv_first < all_lo) | (kv_first + BLOCK_N > all_hi):
+            keys = gl.expand_dims(kv_first + gl.arange(0, BLOCK_N, layout=s_cols), 0)
+            visible = is_visible(queries, keys, n_q, n_k, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            scores = gl.where(visible, scores, float("-inf"))
+        # Line 9: m_new = max(m, rowmax(S)), P~ = exp2(S - m_new), l = exp2(m - m_new) l + rowsum(P~).
+        # A row that has seen no key keeps m = -inf and shifts by 0: P~ and the correction are 0.
+        new_max = gl.maximum(row_max, gl.max(scores, 1))
+        shift = gl.where(new_max == float("-inf"), 0.0, new_max)
+        p = gl.exp2(scores - gl.expand_dims(shift, 1))
+        correction = gl.exp2(row_max - shift)
+        row_sum = row_sum * correction + gl.sum(p, 1)
+        row_max = new_max
+        # Line 10: O~ = diag(correction) O~ + P~ V, P~ from registers.
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        p_operand = next_operand
-    # Line 10 of the last block (of a slot never loaded when the program sees no key: its P~ is
-    # 0, but the slot's bits are not known to be finite, so O is set below, not computed).
-    last = gl.maximum(n_steps - 1, 0)
-    mbarrier.wait(v_bars.index(last % NUM_STAGES), phase=(last // NUM_STAGES) & 1, pred=n_steps > 0)
-    acc = warpgroup_mma(p_operand, _tile(v_boxes, last % NUM_STAGES, BLOCK_N, HEAD_D), acc, is_async=True)
-    acc, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_operand))
+        p_operand = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p_operand, _tile(v_boxes, slot, BLOCK_N, HEAD_D), acc, is_async=True)
+        acc, p_operand = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_operand))
 
     _invalidate(q_bar, 1)
-    _invalidate(k_bars, NUM_STAGES)
-    _invalidate(v_bars, NUM_STAGES)
+    _invalidate(kv_bars, NUM_STAGES)
     # Lines 12-13: O = diag(l)^-1 O~, L = m + log(l); a row that saw no key: O = 0, L = -inf.
     sees_a_key = row_sum > 0
     out = acc / gl.expand_dims(gl.convert_layout(gl.where(sees_a_key, row_sum, 1.0), o_rows), 1)
-    out = gl.where(gl.expand_dims(gl.convert_layout(sees_a_key, o_rows), 1), out, 0.0)
     lse = gl.where(sees_a_key, (row_max + gl.log2(row_sum)) * LN_2, float("-inf"))
     rows = q_first + gl.arange(0, BLOCK_M, layout=s_rows)
     gl.store(LSE + batch * stride_lb + head * stride_lh + rows, lse, mask=rows < n_q)
