@@ -43,7 +43,7 @@ from .v2_hopper import _barriers, _descriptor, _invalidate, _load_pair, _ring, _
 BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8)}
 NUM_STAGES = 2
 DQ_SLICE = 64  # dQ's share is formed DQ_SLICE columns at a time, which keeps it in few registers
-DQ_STAGES = 2  # shares of dQ staged for TMA's add at once
+DQ_STAGES = NUM_STAGES  # shares of dQ staged for TMA's add at once: one a ring slot
 WRITER_REGISTERS = gl.constexpr(24)  # a thread of the one-warp dQ writer (setmaxnreg); the compute warps get the rest
 
 
@@ -114,7 +114,7 @@ def _add_dq_share(dq_desc, dq_box, TURNS, stride_tb, stride_th, batch, head, q_f
 
 
 @gluon.jit
-def _dq_writer(dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
+def _dq_writer(dq_desc, dq_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
                per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N: gl.constexpr,
                BLOCK_M: gl.constexpr, DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
                WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
@@ -123,7 +123,7 @@ def _dq_writer(dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th
     like = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     for step in range(n_steps):
         slot = step % DQ_STAGES
-        mbarrier.wait(dq_ready.index(slot), phase=(step // DQ_STAGES) & 1)
+        mbarrier.wait(step_done.index(slot), phase=(step // DQ_STAGES) & 1)
         head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
         _add_dq_share(dq_desc, dq_boxes.index(slot), TURNS, stride_tb, stride_th, batch, head, q_first, key_block,
                       n_q, n_k, window_left, window_right, like, BLOCK_N, BLOCK_M, DETERMINISTIC, WINDOW_LEFT,
@@ -132,8 +132,21 @@ def _dq_writer(dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th
 
 
 @gluon.jit
+def _loader(q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, last_first, per_head, n_steps,
+            BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """The one-warp partition that streams Q_i and dO_i into the ring: each slot once the compute
+    warps are done with the step that used it, so that they never issue a copy (nor meet the CTA
+    barriers around one)."""
+    for step in range(n_steps):
+        slot = step % NUM_STAGES
+        mbarrier.wait(step_done.index(slot), phase=((step // NUM_STAGES) & 1) ^ 1)
+        head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
+        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head, q_first, step, n_steps, NUM_STAGES)
+
+
+@gluon.jit
 def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
-                     dq_ready, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch, head0,
+                     step_done, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch, head0,
                      k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale, qk_scale,
                      softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                      HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, DQ_SLICE: gl.constexpr,
@@ -166,12 +179,6 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
     for step in range(n_steps):
         slot = step % NUM_STAGES
         head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
-        ahead = step + NUM_STAGES - 1
-        ahead_head, ahead_first = _step_rows(ahead, per_head, last_first, head0, BLOCK_M)
-        # Every warp is done with the ring slot and dS^T of the previous step.
-        gl.thread_barrier()
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, ahead_head, ahead_first, ahead, n_steps,
-                   NUM_STAGES)
         # Row statistics of these queries: L (log2 units) and D, padded (v2_row_stats): every
         # block read lies inside them, and rows past Nq have L = +inf, so P = 0 there.
         queries = q_first + gl.arange(0, BLOCK_M, layout=st_cols)
@@ -238,8 +245,11 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
                 dq_share = warpgroup_mma_wait(num_outstanding=0, deps=(dq_share, ))
             dq_stage.slice(col, DQ_SLICE, dim=1).store(dq_share * scale)
         fence_async_shared()
+        # Every warp is done with the step: its ring slot (its last products, dK's and dV's, were
+        # waited for above) and its dS^T, and its share is staged. One signal for the writer and
+        # the loader: a step's stage and slot have the same index (DQ_STAGES == NUM_STAGES).
         gl.thread_barrier()
-        mbarrier.arrive(dq_ready.index(dq_slot), count=1)
+        mbarrier.arrive(step_done.index(slot), count=1)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     return dk, dv
 
@@ -284,28 +294,27 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     dq_boxes = _ring(dq_desc, DQ_STAGES)
     kv_bar = _barriers(1)
     bars = _barriers(NUM_STAGES)
-    dq_ready = _barriers(DQ_STAGES)
+    step_done = _barriers(NUM_STAGES)
     dq_free = _barriers(DQ_STAGES)
     mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), k_box)
     tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
-    for step in gl.static_range(NUM_STAGES - 1):
-        head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
-        _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head, q_first, step, n_steps, NUM_STAGES)
 
     dk, dv = gl.warp_specialize([
         (_key_block_steps, (q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
-                            dq_ready, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch,
+                            step_done, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch,
                             head0, k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale,
                             qk_scale, softcap_log2, window_left, window_right, BLOCK_N, BLOCK_M, HEAD_D, NUM_STAGES,
                             DQ_SLICE, DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, num_warps)),
-        (_dq_writer, (dq_desc, dq_boxes, dq_ready, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
+        (_dq_writer, (dq_desc, dq_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
                       per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
                       DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)),
-    ], [1], [WRITER_REGISTERS])
+        (_loader, (q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, last_first, per_head, n_steps,
+                   BLOCK_M, NUM_STAGES)),
+    ], [1, 1], [WRITER_REGISTERS, WRITER_REGISTERS])
     _invalidate(kv_bar, 1)
     _invalidate(bars, NUM_STAGES)
-    _invalidate(dq_ready, DQ_STAGES)
+    _invalidate(step_done, NUM_STAGES)
     _invalidate(dq_free, DQ_STAGES)
     # Line 18: write dK_j (dS was taken w.r.t. the scaled scores: dK = scale dS^T Q) and dV_j,
     # through the K and V tiles' shared memory, read no more.

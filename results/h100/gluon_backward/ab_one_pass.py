@@ -2,9 +2,13 @@
 cuDNN, in one process, interleaved rounds. First a check of its gradients against the two passes
 at odd shapes and with every feature, and that the deterministic variant repeats its bits; then
 TFLOP/s (backward 2.5x the forward's FLOPs; forward+backward with v2's forward) over the issue's
-grid (fp16, B = 16384/N, H = 2048/D). Usage:
+grid (fp16, B = 16384/N, H = 2048/D). With BEFORE=FILE in the environment (an earlier copy of
+v2_hopper_backward.py, e.g. from `git show`), its deterministic kernel is timed too, as "before_det".
+Usage:
 python results/h100/gluon_backward/ab_one_pass.py [ROUNDS [LABEL_PART [DTYPE [N1024,N4096,...]]]] > FILE.jsonl"""
+import importlib.util
 import json
+import os
 import statistics
 import sys
 
@@ -22,6 +26,12 @@ DTYPE = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.float16
 CONFIGS = {64: [(128, 64, 8), (64, 64, 4), (128, 128, 8)], 128: [(128, 64, 8), (64, 64, 4)]}
 # (blocks, deterministic)
 VARIANTS = {d: [(CONFIGS[d][0], det) for det in (False, True)] for d in CONFIGS}
+BEFORE = None
+if os.environ.get("BEFORE"):
+    spec = importlib.util.spec_from_file_location("flashtile.triton_kernels.v2_hopper_backward_before",
+                                                  os.environ["BEFORE"])
+    BEFORE = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(BEFORE)
 
 
 def problem_of(q, k, window=(-1, -1), softcap=0.0):
@@ -73,6 +83,9 @@ for label, b, h, n, d, causal in POINTS:
     for blocks, det in VARIANTS[d]:
         contenders[f"one_pass{'_det' if det else ''}_{blocks[0]}x{blocks[1]}w{blocks[2]}"] = (
             lambda det=det, blocks=blocks: one_pass_backward(d_out, qd, kd, vd, out, lse, problem, det, blocks))
+    if BEFORE is not None:
+        contenders["before_det"] = lambda: BEFORE.v2_hopper_backward(
+            qd, kd, vd, d_out, *v2.v2_row_stats(out, d_out, lse, problem), problem, True)
     cudnn = attention_fn("sdpa_cudnn", causal)
     cudnn_out = cudnn(q, k, v)
     contenders["cudnn"] = lambda: torch.autograd.grad(cudnn_out, (q, k, v), d_out, retain_graph=True)
