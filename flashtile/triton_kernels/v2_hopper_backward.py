@@ -145,32 +145,6 @@ def _loader(q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, l
 
 
 @gluon.jit
-def _row_lse(L2, stride_sb, stride_sh, batch, step, n_steps, per_head, last_first, head0, cols: gl.constexpr,
-             BLOCK_M: gl.constexpr):
-    """L (log2 units, padded: v2_row_stats) of the queries of a step, 0 for a step past the last."""
-    head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
-    queries = q_first + gl.arange(0, BLOCK_M, layout=cols)
-    return gl.load(L2 + (batch * stride_sb + head * stride_sh) + queries, mask=(queries >= 0) & (step < n_steps),
-                   other=0.0)
-
-
-@gluon.jit
-def _issue_scores(k_tile, q_boxes, bars, step, n_steps, lse, st_zero, qk_scale, BLOCK_M: gl.constexpr,
-                  HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, SOFTCAP: gl.constexpr):
-    """Line 10 of a step: S^T = K Q^T issued (not waited for), once Q is in its slot. Without a
-    softcap the accumulator starts at -L / scale: S - L (log2 units) in one product. A step past
-    the last computes on whatever its slot holds, for nothing."""
-    slot = step % NUM_STAGES
-    mbarrier.wait(bars.index(slot), phase=(step // NUM_STAGES) & 1, pred=step < n_steps)
-    q_t = _tile(q_boxes, slot, BLOCK_M, HEAD_D).permute((1, 0))
-    if SOFTCAP:
-        st = warpgroup_mma(k_tile, q_t, st_zero, use_acc=False, is_async=True)
-    else:
-        st = warpgroup_mma(k_tile, q_t, st_zero - gl.expand_dims(lse / qk_scale, 0), is_async=True)
-    return st
-
-
-@gluon.jit
 def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
                      step_done, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch, head0,
                      k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale, qk_scale,
@@ -201,20 +175,25 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
     dq_zero = gl.zeros([BLOCK_M, DQ_SLICE], gl.float32, layout=dq_layout)
     keys = gl.expand_dims(k_first + gl.arange(0, BLOCK_N, layout=st_rows), 1)
     mbarrier.wait(kv_bar.index(0), phase=0)
-    # Row statistics, L (log2 units) and D, padded (v2_row_stats): every block read lies inside
-    # them, and rows past Nq have L = +inf, so P = 0 there. Step 0's S^T is issued here, every
-    # later step's behind the step before, so that it runs while that step's share is stored.
-    lse = _row_lse(L2, stride_sb, stride_sh, batch, 0, n_steps, per_head, last_first, head0, st_cols, BLOCK_M)
-    st = _issue_scores(k_tile, q_boxes, bars, 0, n_steps, lse, st_zero, qk_scale, BLOCK_M, HEAD_D, NUM_STAGES,
-                       SOFTCAP)
 
     for step in range(n_steps):
         slot = step % NUM_STAGES
         head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
+        # Row statistics of these queries: L (log2 units) and D, padded (v2_row_stats): every
+        # block read lies inside them, and rows past Nq have L = +inf, so P = 0 there.
         queries = q_first + gl.arange(0, BLOCK_M, layout=st_cols)
-        delta = gl.load(DELTA + (batch * stride_sb + head * stride_sh) + queries)
+        stats = (batch * stride_sb + head * stride_sh) + queries
+        lse = gl.load(L2 + stats)
+        delta = gl.load(DELTA + stats)
+        mbarrier.wait(bars.index(slot), phase=(step // NUM_STAGES) & 1)
         q_tile = _tile(q_boxes, slot, BLOCK_M, HEAD_D)
         do_tile = _tile(do_boxes, slot, BLOCK_M, HEAD_D)
+        # Line 10: S^T = K Q^T.
+        if SOFTCAP:
+            st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        else:  # S - L / scale in one product: the accumulator starts at -L / scale (log2 units)
+            st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero - gl.expand_dims(lse / qk_scale, 0),
+                               is_async=True)
         st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
         # Line 11: P = exp2(S - L), in log2 units (with a softcap c: c tanh(scale q.k / c) log2(e)).
         # dP^T is issued only after P: with both accumulators in flight D 128 spills.
@@ -254,22 +233,16 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
         # memory, DQ_SLICE columns at a time, staged in shared memory for TMA's add.
         dq_slot = step % DQ_STAGES
         dq_stage = dq_boxes.index(dq_slot).reshape([BLOCK_M, HEAD_D])
-        lse = _row_lse(L2, stride_sb, stride_sh, batch, step + 1, n_steps, per_head, last_first, head0, st_cols,
-                       BLOCK_M)
         for col in gl.static_range(0, HEAD_D, DQ_SLICE):
             dq_share = warpgroup_mma(ds_smem.permute((1, 0)), k_tile.slice(col, DQ_SLICE, dim=1), dq_zero,
                                      use_acc=False, is_async=True)
-            if col + DQ_SLICE == HEAD_D:  # the next step's S^T behind the last slice, to run while it is stored
-                st = _issue_scores(k_tile, q_boxes, bars, step + 1, n_steps, lse, st_zero, qk_scale, BLOCK_M,
-                                   HEAD_D, NUM_STAGES, SOFTCAP)
-                dq_share, dk, dv, p_operand, ds_operand = warpgroup_mma_wait(
-                    num_outstanding=1, deps=(dq_share, dk, dv, p_operand, ds_operand))
-            else:
+            if col == 0:  # every product of the step is done: dV's and dK's, and their operands are free
                 dq_share, dk, dv, p_operand, ds_operand = warpgroup_mma_wait(
                     num_outstanding=0, deps=(dq_share, dk, dv, p_operand, ds_operand))
-            if col == 0:  # every product of the step is done: dV's and dK's, and their operands are free
                 # The writer has added the stage's previous share.
                 mbarrier.wait(dq_free.index(dq_slot), phase=((step // DQ_STAGES) & 1) ^ 1)
+            else:
+                dq_share = warpgroup_mma_wait(num_outstanding=0, deps=(dq_share, ))
             dq_stage.slice(col, DQ_SLICE, dim=1).store(dq_share * scale)
         fence_async_shared()
         # Every warp is done with the step: its ring slot (its last products, dK's and dV's, were
@@ -277,7 +250,7 @@ def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, 
         # the loader: a step's stage and slot have the same index (DQ_STAGES == NUM_STAGES).
         gl.thread_barrier()
         mbarrier.arrive(step_done.index(slot), count=1)
-    dk, dv, st = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, st))
+    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     return dk, dv
 
 
