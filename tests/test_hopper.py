@@ -1,8 +1,8 @@
 """v2's Hopper forward (flashtile/triton_kernels/v2_hopper.py, Gluon): which calls it serves, and
 its results against float64 with the project's rule, every feature and odd lengths, with the
 gradients that v2.py's backward takes from its O and lse. Then the one-pass backward
-(v2_hopper_backward.py, FLASHTILE_ONE_PASS_BACKWARD=1) the same way, and its determinism. On an
-sm_90 GPU only; elsewhere skipped. The parity suite (test_parity.py) runs the forward too,
+(v2_hopper_backward.py, forced everywhere by FLASHTILE_ONE_PASS_BACKWARD=1) the same way, and
+its determinism. On an sm_90 GPU only; elsewhere skipped. The parity suite (test_parity.py) runs the forward too,
 wherever it serves v2's calls there."""
 import os
 
@@ -120,13 +120,28 @@ def one_pass_served(q, k, **options):
     return v2.v2_hopper_backward.supports_backward(q, k, k, problem_of(q, k, **options))
 
 
-def test_the_one_pass_backward_is_asked_for(monkeypatch):
-    """Off by default; on with FLASHTILE_ONE_PASS_BACKWARD=1 where the forward is served, at D 64
-    and 128; and then it is what runs."""
+def test_where_the_one_pass_backward_serves(monkeypatch):
+    """By default at D 128 with at least 4096 queries and keys seen; everywhere the forward is
+    served at D 64 and 128 with FLASHTILE_ONE_PASS_BACKWARD=1; nowhere with =0. And then it is
+    what runs."""
+    monkeypatch.delenv("FLASHTILE_ONE_PASS_BACKWARD", raising=False)
+    long = torch.empty(1, 16, 4096, 128, dtype=torch.float16, device="cuda")
+    assert one_pass_served(long, long)
+    assert one_pass_served(long, long, window=(-1, 0))
+    d64 = torch.empty(1, 32, 4096, 64, dtype=torch.float16, device="cuda")
+    assert not one_pass_served(d64, d64)
+    n2048 = torch.empty(1, 64, 2048, 128, dtype=torch.float16, device="cuda")
+    assert not one_pass_served(n2048, n2048)
+    longer = torch.empty(1, 16, 16384, 128, dtype=torch.float16, device="cuda")
+    assert one_pass_served(longer, longer, window=(4095, 0))
+    assert not one_pass_served(longer, longer, window=(1023, 0))  # 1024 keys seen
     q, k, v = make_qkv(1, 2, 200, 200, 128, torch.float16, device="cuda", requires_grad=True)
     assert not one_pass_served(q, k)
+    monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "0")
+    assert not one_pass_served(long, long)
     monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "1")
     assert one_pass_served(q, k, window=(16, 0), softcap=5.0)
+    assert one_pass_served(d64, d64) and one_pass_served(n2048, n2048)
     assert not one_pass_served(*make_qkv(1, 2, 64, 64, 256, torch.float16, device="cuda")[:2])  # D 256
     launched = []
     real = v2.v2_hopper_backward.v2_hopper_backward

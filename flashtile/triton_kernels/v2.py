@@ -491,7 +491,7 @@ def dkdv(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum=None):
 
 def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
     """dQ, dK, dV: the row statistics' pass (D), then dK/dV over key blocks and dQ over query blocks
-    (on Hopper with FLASHTILE_ONE_PASS_BACKWARD=1, v2_hopper_backward.py's deterministic one pass).
+    (on Hopper where `v2_hopper_backward.supports_backward`, its deterministic one pass).
 
     One stream: dQ on a second stream beside dK/dV gained about 1% at large shapes and cost
     0.1-0.35 ms of a 1 ms call at small ones (docs/results.md, "Paired rounds")."""

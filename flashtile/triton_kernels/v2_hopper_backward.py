@@ -12,18 +12,21 @@ deterministic backward), so that dQ's bits repeat from run to run as v2.py's do.
   turn at the dQ block (a counter per (batch, head, query block): the key blocks that see the
   block add in the order of their index) and passes the turn on once the add has been written.
   The compute warps wait for neither, unless DQ_STAGES shares are pending.
+- A one-warp loader partition streams Q_i and dO_i through a ring of NUM_STAGES slots by TMA,
+  each slot once the compute warps signal that the step that used it is done (the same signal
+  hands the step's share to the writer), so the compute warps issue no copy.
 - Every program visits its query blocks from the last to the first, so that the programs of one
   head that run together reach the same dQ block at about the same time.
 
-Q_i and dO_i stream through a ring of NUM_STAGES slots by TMA; K_j and V_j stay in shared memory.
+K_j and V_j stay in shared memory.
 Key-major: S^T and dP^T are BLOCK_N x BLOCK_M, so P^T and dS^T are the A operands of dV's and
 dK's products straight from registers. The compute warps have 240 registers a thread
 (setmaxnreg), and D 128 keeps within them only by starting the dP^T accumulator at -D and,
 without a softcap, the S^T accumulator at -L / scale.
 
-On the H200 this runs at 1.00-1.08x of v2.py's two passes at D 128 and N >= 4096, and 0.79-0.97x
-elsewhere (docs/results.md, "A one-pass deterministic backward in Gluon"), so it serves v2 only
-when asked (FLASHTILE_ONE_PASS_BACKWARD=1).
+On the H200 this runs at 1.05-1.13x of v2.py's two passes at D 128 where both sides see at least
+4096 keys or queries, and at 0.81-0.97x at D 64 or N 1024 (docs/results.md, "The one-pass
+backward by default at D 128"), so by default it serves v2 only there (`supports_backward`).
 """
 import os
 
@@ -41,6 +44,9 @@ from .v2_hopper import _barriers, _descriptor, _invalidate, _load_pair, _ring, _
 
 # (keys a program owns, queries a step, warps): one warpgroup per 64 keys.
 BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8)}
+# Where it serves by default: D 128, and at least this many queries and keys a query sees (the
+# H200 measured it ahead of the two passes at N 4096 and 16384, behind at N 1024 and at D 64).
+DEFAULT_HEAD_DIM, DEFAULT_MIN_ROWS = 128, 4096
 NUM_STAGES = 2
 DQ_SLICE = 64  # dQ's share is formed DQ_SLICE columns at a time, which keeps it in few registers
 DQ_STAGES = NUM_STAGES  # shares of dQ staged for TMA's add at once: one a ring slot
@@ -48,11 +54,16 @@ WRITER_REGISTERS = gl.constexpr(24)  # a thread of the one-warp dQ writer (setma
 
 
 def supports_backward(q, k, v, problem: Problem) -> bool:
-    """Whether `v2_hopper_backward` serves v2's backward of this call: with
-    FLASHTILE_ONE_PASS_BACKWARD=1, where v2_hopper.supports the call, at a head dim of
-    BACKWARD_BLOCKS."""
-    return (os.environ.get("FLASHTILE_ONE_PASS_BACKWARD", "0") == "1" and problem.head_dim in BACKWARD_BLOCKS
-            and supports(q, k, v, problem))
+    """Whether `v2_hopper_backward` serves v2's backward of this call, where v2_hopper.supports
+    the call: by default at DEFAULT_HEAD_DIM with at least DEFAULT_MIN_ROWS queries and keys
+    seen; with FLASHTILE_ONE_PASS_BACKWARD=1 at every head dim of BACKWARD_BLOCKS; with =0 never."""
+    asked = os.environ.get("FLASHTILE_ONE_PASS_BACKWARD", "")
+    if asked == "0" or problem.head_dim not in BACKWARD_BLOCKS:
+        return False
+    if asked != "1" and (problem.head_dim != DEFAULT_HEAD_DIM
+                         or min(problem.n_q, problem.keys_seen()) < DEFAULT_MIN_ROWS):
+        return False
+    return supports(q, k, v, problem)
 
 
 @gluon.jit
