@@ -135,11 +135,11 @@ def contender(row):
 
 
 def feature_tables(rows):
-    """One table per workload: a line per contender, TFLOP/s, ms, first-call cost and the
-    forward's peak memory beyond the inputs."""
+    """One table per workload and dtype: a line per contender, TFLOP/s, ms, first-call cost and
+    the forward's peak memory beyond the inputs."""
     lines = []
-    for workload in dict.fromkeys(r["workload"] for r in rows):
-        mine = [r for r in rows if r["workload"] == workload]
+    for workload, dtype in dict.fromkeys((r["workload"], r["dtype"]) for r in rows):
+        mine = [r for r in rows if r["workload"] == workload and r["dtype"] == dtype]
         lines += [f"**{workload}** ({mine[0]['dtype']}; {mine[0]['shape']})", "",
                   "| contender | TFLOP/s fwd / fwd+bwd | ms fwd / fwd+bwd | first call, s | fwd peak MiB |",
                   "|---|---|---|---|---|"]
