@@ -57,7 +57,7 @@ from flashtile.reference import effective_window, visible_keys
 from flashtile.registry import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, REGISTRY, TRITON_IMPLEMENTATIONS
 from flashtile.testing import (assert_matches_reference, compare, flashtile_impl, make_qkv, make_varlen_qkv,
                                random_like, reference_results, rerun_bitwise, run_attention)
-from flashtile.triton_kernels._common import Problem, binding_window, program_rows
+from flashtile.triton_kernels._common import Problem, binding_window, d_contiguous, program_rows
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -805,6 +805,7 @@ def keeps_float32_dq(impl, q, k, v, case):
         return True
     if impl != "v2" or v2.v2_hopper_backward is None:
         return False
+    q, k, v = (d_contiguous(t) for t in (q, k, v))  # as v2_backward asks it
     problem = Problem.of(q, k, None, None, None, None, q.shape[-1] ** -0.5, -1, 0, case.softcap)
     return v2.v2_hopper_backward.supports_backward(q, k, v, problem)
 
