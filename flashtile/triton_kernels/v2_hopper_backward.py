@@ -50,7 +50,8 @@ DEFAULT_HEAD_DIM, DEFAULT_MIN_ROWS = 128, 4096
 NUM_STAGES = 2
 DQ_SLICE = 64  # dQ's share is formed DQ_SLICE columns at a time, which keeps it in few registers
 DQ_STAGES = NUM_STAGES  # shares of dQ staged for TMA's add at once: one a ring slot
-WRITER_REGISTERS = gl.constexpr(24)  # a thread of the one-warp dQ writer (setmaxnreg); the compute warps get the rest
+# A thread of the one-warp dQ writer or loader (setmaxnreg); the compute warps get the rest.
+WORKER_REGISTERS = gl.constexpr(24)
 
 
 def supports_backward(q, k, v, problem: Problem) -> bool:
@@ -322,7 +323,7 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
                       DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)),
         (_loader, (q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, last_first, per_head, n_steps,
                    BLOCK_M, NUM_STAGES)),
-    ], [1, 1], [WRITER_REGISTERS, WRITER_REGISTERS])
+    ], [1, 1], [WORKER_REGISTERS, WORKER_REGISTERS])
     _invalidate(kv_bar, 1)
     _invalidate(bars, NUM_STAGES)
     _invalidate(step_done, NUM_STAGES)
