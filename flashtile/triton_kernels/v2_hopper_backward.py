@@ -157,14 +157,12 @@ def _loader(q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, l
 
 
 @gluon.jit
-def _key_block_steps(q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
-                     step_done, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch, head0,
-                     k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale, qk_scale,
-                     softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                     HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, DQ_SLICE: gl.constexpr,
-                     DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
-                     WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
-                     num_warps: gl.constexpr):
+def _key_block_steps(q_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars, step_done, dq_free,
+                     L2, DELTA, stride_sb, stride_sh, batch, head0, k_first, last_first, per_head, n_steps, n_q,
+                     n_k, scale, qk_scale, softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr,
+                     BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     DQ_SLICE: gl.constexpr, DQ_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                     WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
     """The compute warps' loop over query blocks (Algorithm 2, lines 8-17): returns dK (unscaled)
     and dV. Each step's share of dQ is staged in shared memory for the writer."""
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -313,11 +311,11 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
 
     dk, dv = gl.warp_specialize([
-        (_key_block_steps, (q_desc, do_desc, dq_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars,
-                            step_done, dq_free, L2, DELTA, TURNS, stride_sb, stride_sh, stride_tb, stride_th, batch,
-                            head0, k_first, key_block, last_first, per_head, n_steps, n_q, n_k, scale,
-                            qk_scale, softcap_log2, window_left, window_right, BLOCK_N, BLOCK_M, HEAD_D, NUM_STAGES,
-                            DQ_SLICE, DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, num_warps)),
+        (_key_block_steps, (q_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars, step_done,
+                            dq_free, L2, DELTA, stride_sb, stride_sh, batch, head0, k_first, last_first, per_head,
+                            n_steps, n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, BLOCK_N,
+                            BLOCK_M, HEAD_D, NUM_STAGES, DQ_SLICE, DQ_STAGES, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                            num_warps)),
         (_dq_writer, (dq_desc, dq_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
                       per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
                       DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)),
