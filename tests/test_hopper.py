@@ -2,8 +2,8 @@
 its results against float64 with the project's rule, every feature and odd lengths, with the
 gradients that v2.py's backward takes from its O and lse. Then the one-pass backward
 (v2_hopper_backward.py, forced everywhere by FLASHTILE_ONE_PASS_BACKWARD=1) the same way, and
-its determinism. On an sm_90 GPU only; elsewhere skipped. The parity suite (test_parity.py) runs the forward too,
-wherever it serves v2's calls there."""
+its determinism. On an sm_90 GPU only; elsewhere skipped. The parity suite (test_parity.py)
+runs the forward too, wherever it serves v2's calls there."""
 import os
 
 import pytest

@@ -798,16 +798,14 @@ def test_long_sequences(impl, which):
 
 def keeps_float32_dq(impl, q, k, v, case):
     """Whether impl's causal backward of these inputs adds dQ into a float32 buffer: the atomic
-    ones do, and v2 where its one-pass Hopper backward serves (`supports_backward`)."""
+    ones do, and v2 where its one-pass Hopper backward serves."""
     from flashtile.triton_kernels import v2
 
-    if impl in ATOMIC_DQ:
-        return True
-    if impl != "v2" or v2.v2_hopper_backward is None:
-        return False
+    if impl in ATOMIC_DQ or impl != "v2":
+        return impl in ATOMIC_DQ
     q, k, v = (d_contiguous(t) for t in (q, k, v))  # as v2_backward asks it
     problem = Problem.of(q, k, None, None, None, None, q.shape[-1] ** -0.5, -1, 0, case.softcap)
-    return v2.v2_hopper_backward.supports_backward(q, k, v, problem)
+    return v2.one_pass_backward_serves(q, k, v, problem)
 
 
 @pytest.mark.gpu
@@ -816,9 +814,9 @@ def keeps_float32_dq(impl, q, k, v, case):
 @pytest.mark.parametrize("which", ["memory", "memory_gqa"])
 def test_peak_memory_is_linear_in_n(impl, which):
     """Forward + backward at N = 16384 allocate the outputs, the gradients, O(N) statistics
-    and (atomic dQ, v2's one pass) a float32 dq accumulator: no N x N matrix (one head's fp16 scores alone
-    would be 512 MiB), and with GQA no copy of K and V repeated to the query heads (dK, dV
-    come back with Hkv heads)."""
+    and (atomic dQ, v2's one pass) a float32 dq accumulator: no N x N matrix (one head's fp16
+    scores alone would be 512 MiB), and with GQA no copy of K and V repeated to the query heads
+    (dK, dV come back with Hkv heads)."""
     case = GPU_SPECIAL_CASES[which]
     q, k, v, d_out, features = make_inputs(case, "cuda", seed=70)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]

@@ -489,15 +489,21 @@ def dkdv(q, k, v, d_out, lse2, delta, problem: Problem, dq_accum=None):
     return dk, dv
 
 
+def one_pass_backward_serves(q, k, v, problem: Problem) -> bool:
+    """Whether v2's backward of this call (q, k, v with a dense last dim) is v2_hopper_backward.py's
+    one pass (on Hopper, where `supports_backward`), which adds dQ into a float32 buffer."""
+    return v2_hopper_backward is not None and v2_hopper_backward.supports_backward(q, k, v, problem)
+
+
 def v2_backward(d_out, q, k, v, out, lse, problem: Problem):
     """dQ, dK, dV: the row statistics' pass (D), then dK/dV over key blocks and dQ over query blocks
-    (on Hopper where `v2_hopper_backward.supports_backward`, its deterministic one pass).
+    (where `one_pass_backward_serves`, v2_hopper_backward.py's deterministic one pass instead).
 
     One stream: dQ on a second stream beside dK/dV gained about 1% at large shapes and cost
     0.1-0.35 ms of a 1 ms call at small ones (docs/results.md, "Paired rounds")."""
     q, k, v, d_out = d_contiguous(q), d_contiguous(k), d_contiguous(v), d_out.contiguous()
     lse2, delta = v2_row_stats(out, d_out, lse, problem)
-    if v2_hopper_backward is not None and v2_hopper_backward.supports_backward(q, k, v, problem):
+    if one_pass_backward_serves(q, k, v, problem):
         return v2_hopper_backward.v2_hopper_backward(q, k, v, d_out, lse2, delta, problem)
     dk, dv = dkdv(q, k, v, d_out, lse2, delta, problem)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
