@@ -270,15 +270,15 @@ def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", de
     element = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     constexprs = {"HEAD_D": head_dim, "WINDOW_LEFT": flags[0], "WINDOW_RIGHT": flags[1], "SOFTCAP": flags[2]}
     if kernel == "forward":
-        fn = v2_hopper._v2_hopper_forward_kernel
+        fn, warps, query_rows = v2_hopper.forward_kernel(head_dim)
         block_m, block_n = v2_hopper.FORWARD_BLOCKS[head_dim]
-        warps = v2_hopper.NUM_WARPS
         query_boxes, floats = ("q_desc", "o_desc"), ("LSE", )
         constexprs.update(NUM_STAGES=v2_hopper.NUM_STAGES)
     else:
         fn = v2_hopper_backward._v2_hopper_backward_kernel
         block_n, block_m, warps = blocks or v2_hopper_backward.BACKWARD_BLOCKS[head_dim]
         query_boxes, floats = ("q_desc", "do_desc"), ("L2", "DELTA")
+        query_rows = block_m
         constexprs.update(NUM_STAGES=v2_hopper_backward.NUM_STAGES, DQ_SLICE=v2_hopper_backward.DQ_SLICE,
                           DQ_STAGES=v2_hopper_backward.DQ_STAGES, DETERMINISTIC=deterministic)
     constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
@@ -293,7 +293,7 @@ def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", de
         elif name == "dq_desc":  # the backward's float32 dQ buffer, boxed by the query rows
             signature[name] = box(block_m, "fp32", torch.float32)
         elif name.endswith("_desc"):  # Q, O and dO boxed by the query rows, K, V, dK and dV by the key rows
-            signature[name] = box(block_m if name in query_boxes else block_n)
+            signature[name] = box(query_rows if name in query_boxes else block_n)
         elif name in floats:
             signature[name] = "*fp32"
         elif name == "TURNS":
