@@ -41,7 +41,7 @@ NUM_STAGES = 2
 #   program an SM (240 registers a thread); 1.03-1.13x the lockstep kernel at N >= 4096 on the
 #   H200 (results/h200/ping_pong_forward/ab_ping_pong.jsonl);
 # - D 64: the lockstep kernel, two programs an SM of 8 warps each: there the products are short
-#   beside the softmax, which ping-pong cannot hide behind them (0.74-0.93x the lockstep kernel
+#   beside the softmax, which ping-pong cannot hide behind them (0.73-0.93x the lockstep kernel
 #   with two warpgroups, 0.50-1.01x with three).
 PING_PONG_BLOCKS = {128: (128, 128), 256: (128, 64)}
 LOCKSTEP_BLOCKS = {64: (128, 128)}
