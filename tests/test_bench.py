@@ -45,6 +45,13 @@ def test_quick_help_names_what_runs_on_each_device(capsys):
         assert " ".join(cli.describe_grid(mode).split()) in text
 
 
+def test_a_gpu_figure_is_the_lowest_of_its_rounds_and_keeps_them_all(monkeypatch):
+    medians = iter([3.0, 2.0, 5.0])
+    monkeypatch.setattr(measure, "time_ms", lambda *args, **kwargs: next(medians))
+    assert measure.settled_ms(lambda: None, "cuda") == (2.0, [3.0, 2.0])
+    assert measure.settled_ms(lambda: None, "cpu") == (5.0, [5.0])  # one median on the CPU
+
+
 def test_flop_counts_are_attention_flops_over_the_visible_keys():
     # A window's count is the visible (query, key) pairs, counted by brute force here.
     n, heads, d = 48, 3, 16
