@@ -15,7 +15,7 @@ Parts (--parts), each over the grid of its mode:
   median step time, tokens/s, peak memory, and the loss curves, flashtile's gap to sdpa's judged
   beside eager's gap to it (the noise between two correct bf16-autocast attentions).
 
-Time is the median of triton.testing.do_bench (CUDA events) on the GPU; FLOPs are
+Time is the lower of two medians of triton.testing.do_bench (CUDA events) on the GPU; FLOPs are
 flashtile.reference.attention_flops, over the visible keys. A point that cannot run (OOM, an
 unsupported backend, an implementation without the feature yet) is recorded with its reason
 and the run goes on. Without a GPU the command runs tiny sizes on Triton's CPU interpreter:
