@@ -187,11 +187,12 @@ def _release(bars, slot):
 @gluon.jit
 def _online_softmax(s, acc, row_max, row_sum, queries, kv_first, all_lo, all_hi, n_q, n_k, qk_scale, softcap_log2,
                     window_left, window_right, BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                    WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, p_layout: gl.constexpr,
-                    o_rows: gl.constexpr, dtype: gl.constexpr):
-    """Line 9 of Algorithm 1 and the first half of line 10 on S = Q K_j^T: returns P~ (as the
-    A operand of P~ V), O~ rescaled, m and l."""
+                    WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, dtype: gl.constexpr):
+    """Line 9 of Algorithm 1 and the first half of line 10 on S = Q K_j^T: returns P~ (in dtype,
+    as the A operand of P~ V), O~ rescaled, m and l."""
     s_cols: gl.constexpr = gl.SliceLayout(0, s.type.layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     # In log2 units; with a softcap c, c tanh(scale q.k / c) log2(e) (v2.py's scores_in_log2).
     scores = s * qk_scale
     if SOFTCAP:
@@ -214,11 +215,12 @@ def _online_softmax(s, acc, row_max, row_sum, queries, kv_first, all_lo, all_hi,
 
 
 @gluon.jit
-def _write_out(o_desc, q_box, acc, row_max, row_sum, LSE, stride_lb, stride_lh, batch, head, rows_first, n_q,
-               s_rows: gl.constexpr, o_rows: gl.constexpr):
+def _write_out(o_desc, q_box, acc, row_max, row_sum, LSE, stride_lb, stride_lh, batch, head, rows_first, n_q):
     """Lines 12-13 of Algorithm 1 for the rows from rows_first: O = diag(l)^-1 O~ and
     L = m + log(l); a row that saw no key: O = 0, L = -inf. O goes out through Q's box, read no
     more (same box and layout)."""
+    s_rows: gl.constexpr = row_sum.type.layout
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     sees_a_key = row_sum > 0
     out = acc / gl.expand_dims(gl.convert_layout(gl.where(sees_a_key, row_sum, 1.0), o_rows), 1)
     lse = gl.where(sees_a_key, (row_max + gl.log2(row_sum)) * LN_2, float("-inf"))
@@ -247,9 +249,7 @@ def _warpgroup_rows(shared, program, WARPGROUP: gl.constexpr, ROWS: gl.constexpr
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = o_desc.dtype
     rows_first = q_first + WARPGROUP * ROWS
     q_box = q_boxes.index(WARPGROUP)
@@ -274,7 +274,7 @@ def _warpgroup_rows(shared, program, WARPGROUP: gl.constexpr, ROWS: gl.constexpr
         _release(k_free, 0)
         p, acc, row_max, row_sum = _online_softmax(s, acc, row_max, row_sum, queries, kv_start, all_lo, all_hi, n_q,
                                                    n_k, qk_scale, softcap_log2, window_left, window_right, BLOCK_N,
-                                                   WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, p_layout, o_rows, dtype)
+                                                   WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, dtype)
         for step in range(1, n_steps):
             slot = step % NUM_STAGES
             last = (step - 1) % NUM_STAGES
@@ -292,8 +292,7 @@ def _warpgroup_rows(shared, program, WARPGROUP: gl.constexpr, ROWS: gl.constexpr
             _release(v_free, last)
             p, acc, row_max, row_sum = _online_softmax(s, acc, row_max, row_sum, queries, kv_first, all_lo, all_hi,
                                                        n_q, n_k, qk_scale, softcap_log2, window_left, window_right,
-                                                       BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, p_layout, o_rows,
-                                                       dtype)
+                                                       BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, dtype)
         # Line 10's product for the last block, in a turn of its own.
         last = (n_steps - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), phase=((n_steps - 1) // NUM_STAGES) & 1)
@@ -302,8 +301,7 @@ def _warpgroup_rows(shared, program, WARPGROUP: gl.constexpr, ROWS: gl.constexpr
         _pass_turn(turns, WARPGROUP)
         acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
 
-    _write_out(o_desc, q_box, acc, row_max, row_sum, LSE, stride_lb, stride_lh, batch, head, rows_first, n_q, s_rows,
-               o_rows)
+    _write_out(o_desc, q_box, acc, row_max, row_sum, LSE, stride_lb, stride_lh, batch, head, rows_first, n_q)
 
 
 @gluon.jit
@@ -362,9 +360,7 @@ def _lockstep_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh, 
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, HEAD_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = q_desc.dtype
 
     q_box = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
@@ -403,15 +399,14 @@ def _lockstep_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh, 
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         p, acc, row_max, row_sum = _online_softmax(s, acc, row_max, row_sum, queries, kv_first, all_lo, all_hi, n_q,
                                                    n_k, qk_scale, softcap_log2, window_left, window_right, BLOCK_N,
-                                                   WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, p_layout, o_rows, dtype)
+                                                   WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, dtype)
         # Line 10: O~ += P~ V, P~ from registers.
         acc = warpgroup_mma(p, _tile(v_boxes, slot, BLOCK_N, HEAD_D), acc, is_async=True)
         acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
 
     _invalidate(q_bar, 1)
     _invalidate(kv_bars, NUM_STAGES)
-    _write_out(o_desc, q_box, acc, row_max, row_sum, LSE, stride_lb, stride_lh, batch, head, q_first, n_q, s_rows,
-               o_rows)
+    _write_out(o_desc, q_box, acc, row_max, row_sum, LSE, stride_lb, stride_lh, batch, head, q_first, n_q)
 
 
 # ---------------------------------------------------------------------------------------
