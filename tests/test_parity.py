@@ -801,7 +801,7 @@ def keeps_float32_dq(impl, q, k, v, case):
     ones do, and v2 where its one-pass Hopper backward serves."""
     from flashtile.triton_kernels import v2
 
-    if impl in ATOMIC_DQ or impl != "v2":
+    if impl != "v2":
         return impl in ATOMIC_DQ
     q, k, v = (d_contiguous(t) for t in (q, k, v))  # as v2_backward asks it
     problem = Problem.of(q, k, None, None, None, None, q.shape[-1] ** -0.5, -1, 0, case.softcap)
