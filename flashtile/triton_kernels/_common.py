@@ -117,12 +117,14 @@ def _backward_configs(capability: int, block_d: int):
     # iteration (dQ): smaller tiles and fewer stages than the forward.
     if capability >= 90:
         if block_d <= 64:
-            return [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2)]
+            # Timed on the H200 (docs/results.md, "The portable backward's configs at D 64 and
+            # 256"): each of these is the fastest dK/dV or dQ somewhere on the grid.
+            return [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 3)]
         if block_d <= 128:
             # Timed on the H100 (docs/results.md, "backward configurations"): 128-row programs
             # with three stages are the fastest dK/dV and dQ at every point measured.
             return [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
-        return [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)]
+        return [(64, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 3), (32, 32, 4, 2)]  # the same sweep
     if capability >= 80:
         if block_d <= 128:
             return [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
