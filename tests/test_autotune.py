@@ -10,6 +10,8 @@ runs on the interpreter here.
 After a key's first launch, RememberingAutotuner (_launch.py) skips Triton's Autotuner.run
 and launches the config Triton chose: checked with a stub kernel, on any machine.
 """
+import itertools
+
 import pytest
 import torch
 import triton
@@ -104,14 +106,16 @@ def test_autotuner_remembers_the_autotuners_choice(monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
     monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")
-    tuned = (64, 128)  # not the first shipped config (128, 64): the choice is the timer's
+    shipped = _common.config_tuples("backward", 90, 64)
+    tuned = shipped[-1][:2]  # not the first shipped config: the choice is the timer's
+    assert tuned != shipped[0][:2]
     kernel, launches = _stub_autotuned_kernel(monkeypatch, fastest=tuned)
     tuner_runs = []
     original_run = Autotuner.run
     monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: tuner_runs.append(1) or original_run(self, *a, **k))
 
     _launch(kernel)
-    assert len(tuner_runs) == 1 and len(launches) == 4 + 1  # four shipped configs timed, then the launch
+    assert len(tuner_runs) == 1 and len(launches) == len(shipped) + 1  # every shipped config timed, then the launch
     config = kernel.best_config
     assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == tuned
     expected = config.all_kwargs()
@@ -132,15 +136,31 @@ def test_autotuner_remembers_the_autotuners_choice(monkeypatch):
                      **dict(zip(AUTOTUNE_KEY[1:], (64, 64, True, False, False, True, False))))
 
 
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_an_atomic_dq_launch_times_the_atomic_configs(monkeypatch, atomic_dq):
+    """A "backward" kernel launched with ATOMIC_DQ=True (v2_atomic's dK/dV) times the
+    "atomic_backward" configs, which leave shared memory for its float32 dQ tile; without it,
+    the "backward" ones. D 256 on sm_90, where the two lists differ."""
+    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")
+    kernel, launches = _stub_autotuned_kernel(monkeypatch, fastest=(32, 32))
+    flags = dict(zip(AUTOTUNE_KEY, (64, 64, 256, True, False, False, True, False)))
+    q = torch.zeros(2, dtype=torch.float16)
+    kernel[(1,)](q, q, 50, **flags, ATOMIC_DQ=atomic_dq)
+    timed = [(launch["BLOCK_M"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"]) for launch in launches[:-1]]
+    expected = _common.config_tuples("atomic_backward" if atomic_dq else "backward", 90, 256)
+    assert sorted(timed) == sorted(expected)
+    assert _common.config_tuples("atomic_backward", 90, 256) != _common.config_tuples("backward", 90, 256)
+
+
 @pytest.mark.parametrize("capability", [0, 75, 80, 86, 90])
 def test_backward_query_blocks_divide_the_padded_row_statistics(capability):
     """The backward kernels read L and D without a mask, from rows padded to a multiple of
     STAT_BLOCK (Problem.padded_stats_shape): every query block they can be launched with, in
     the dQ kernel (the owned block) and the dK/dV kernel (the looped one), must divide it."""
     stat_block = _common.STAT_BLOCK.value
-    for block_d in (16, 32, 64, 128, 256):
-        for owned, looped, _, _ in _common.config_tuples("backward", capability, block_d):
-            assert stat_block % owned == 0 and stat_block % looped == 0, (capability, block_d, owned, looped)
+    for block_d, kind in itertools.product((16, 32, 64, 128, 256), ("backward", "atomic_backward")):
+        for owned, looped, _, _ in _common.config_tuples(kind, capability, block_d):
+            assert stat_block % owned == 0 and stat_block % looped == 0, (capability, block_d, kind, owned, looped)
 
 
 def _problem(n_q, n_k, window_left, window_right):

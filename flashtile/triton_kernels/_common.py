@@ -28,6 +28,7 @@ Conventions used by every kernel in this package
 """
 import dataclasses
 import functools
+import itertools
 import os
 
 import torch
@@ -112,9 +113,11 @@ def _forward_configs(capability: int, block_d: int):
     return [(32, 32, 4, 1)]
 
 
-def _backward_configs(capability: int, block_d: int):
+def _backward_configs(capability: int, block_d: int, atomic_dq: bool = False):
     # Backward programs hold two fp32 accumulators (dK and dV) or reload four tiles an
-    # iteration (dQ): smaller tiles and fewer stages than the forward.
+    # iteration (dQ): smaller tiles and fewer stages than the forward. atomic_dq: a dK/dV
+    # program that also adds dQ atomically (v1, v2_atomic), which stages a float32 dQ tile in
+    # shared memory as well.
     if capability >= 90:
         if block_d <= 64:
             # Timed on the H200 (docs/results.md, "The portable backward's configs at D 64 and
@@ -124,6 +127,8 @@ def _backward_configs(capability: int, block_d: int):
             # Timed on the H100 (docs/results.md, "backward configurations"): 128-row programs
             # with three stages are the fastest dK/dV and dQ at every point measured.
             return [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+        if atomic_dq:  # (64, 64, 8, 2) would need 263 KB of shared memory with the dQ tile
+            return [(64, 32, 4, 3), (128, 64, 8, 1), (32, 32, 4, 2)]
         return [(64, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 3), (32, 32, 4, 2)]  # the same sweep
     if capability >= 80:
         if block_d <= 128:
@@ -136,7 +141,8 @@ def _backward_configs(capability: int, block_d: int):
     return [(16, 16, 4, 1)]
 
 
-CONFIG_SETS = {"forward": _forward_configs, "backward": _backward_configs}
+CONFIG_SETS = {"forward": _forward_configs, "backward": _backward_configs,
+               "atomic_backward": lambda capability, block_d: _backward_configs(capability, block_d, atomic_dq=True)}
 # The backward's row statistics (L in log2 units and D, `Problem.padded_stats_shape`) are kept
 # with every sequence's rows starting at a multiple of STAT_BLOCK rows and padded to one, so
 # that every row block a backward kernel reads (BLOCK_M divides STAT_BLOCK) lies inside them:
@@ -178,14 +184,17 @@ def autotuned(kind: str, owned: str = "BLOCK_M", looped: str = "BLOCK_N", **auto
     The candidate list is the union over head-dim buckets; the early prune keeps only the
     configs shipped for the launched bucket, so a first call times at most four configs.
     Keys: the power-of-two buckets of Nq and of the keys a query sees (`Problem.keys_seen`),
-    the head-dim tile and the feature flags (and, implicitly in Triton, the tensors' dtypes)."""
+    the head-dim tile and the feature flags (and, implicitly in Triton, the tensors' dtypes).
+    A "backward" kernel launched with ATOMIC_DQ=True gets the "atomic_backward" configs."""
     capability = device_capability()
+    kinds = (kind, "atomic_backward") if kind == "backward" else (kind,)
     union = []
-    for block_d in (16, 32, 64, 128, 256):
-        union += [t for t in config_tuples(kind, capability, block_d) if t not in union]
+    for block_d, each in itertools.product((16, 32, 64, 128, 256), kinds):
+        union += [t for t in config_tuples(each, capability, block_d) if t not in union]
 
     def prune(configs, named_args, **kwargs):
-        shipped = config_tuples(kind, capability, kwargs["BLOCK_D"])
+        launched = "atomic_backward" if kind == "backward" and kwargs.get("ATOMIC_DQ") else kind
+        shipped = config_tuples(launched, capability, kwargs["BLOCK_D"])
         wanted = set(shipped if autotune_enabled() else shipped[:1])
         kept = [c for c in configs
                 if (c.kwargs[owned], c.kwargs[looped], c.num_warps, c.num_stages) in wanted]

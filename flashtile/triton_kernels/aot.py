@@ -40,13 +40,13 @@ from . import v1, v2
 # kernel name -> (autotuned or plain kernel, config kind, owned block, looped block, fixed constexprs)
 KERNELS = {
     "v1_forward": (v1._v1_forward_kernel, "forward", "BLOCK_M", "BLOCK_N", {}),
-    "v1_backward": (v1._v1_backward_kernel, "backward", "BLOCK_N", "BLOCK_M", {}),
+    "v1_backward": (v1._v1_backward_kernel, "atomic_backward", "BLOCK_N", "BLOCK_M", {}),
     "v2_forward": (v2._v2_forward_kernel, "forward", "BLOCK_M", "BLOCK_N", {}),
     "v2_row_stats": (v2._v2_row_stats_kernel, "rowwise", "BLOCK_M", None, {}),
     "v2_dkdv": (v2._v2_dkdv_kernel, "backward", "BLOCK_N", "BLOCK_M", {"ATOMIC_DQ": False}),
     "v2_dq": (v2._v2_dq_kernel, "backward", "BLOCK_M", "BLOCK_N", {}),
     # v2_atomic's backward: v2's dK/dV kernel adding dQ atomically.
-    "v2_atomic_dkdv": (v2._v2_dkdv_kernel, "backward", "BLOCK_N", "BLOCK_M", {"ATOMIC_DQ": True}),
+    "v2_atomic_dkdv": (v2._v2_dkdv_kernel, "atomic_backward", "BLOCK_N", "BLOCK_M", {"ATOMIC_DQ": True}),
 }
 FLOAT32_POINTERS = {"LSE", "L2", "DELTA", "ROW_MAX", "ROW_SUM"}
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
@@ -105,9 +105,10 @@ def shipped_variants(targets=TARGETS, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
 def _source(variant: Variant, aligned: bool = False):
     """The variant's ASTSource. aligned: also give the compiler what the common launch tells it
     (Triton specialises on it at run time): every pointer 16-byte aligned and, for a full-width
-    head dim (EVEN_D), every stride and head_dim a multiple of 16. Without it the kernel is
-    compiled for arbitrary alignment, which CI's checks need (the smallest promise), but its
-    registers are not those of the kernels that usually run (Triton 3.6 only)."""
+    head dim (EVEN_D), every stride and head_dim a multiple of 16 (Triton 3.3+). Without it the
+    kernel is compiled for arbitrary alignment: its registers are not those of the kernels that
+    usually run, and it stages fewer loads in shared memory (an asynchronous copy needs 16-byte
+    alignment), so it can fit where the aligned launch does not."""
     kernel, kind, owned, looped, fixed = KERNELS[variant.kernel]
     fn = jit_function(kernel)
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}

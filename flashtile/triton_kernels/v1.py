@@ -200,7 +200,7 @@ def _backward_query_loop(dk, dv, k, v, keys, q_start, o_start, do_start, dq_star
     return dk, dv
 
 
-@autotuned("backward", owned="BLOCK_N", looped="BLOCK_M", reset_to_zero=["DQ"])
+@autotuned("atomic_backward", owned="BLOCK_N", looped="BLOCK_M", reset_to_zero=["DQ"])
 @triton.jit
 def _v1_backward_kernel(Q, K, V, O, DO, ROW_MAX, ROW_SUM, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
