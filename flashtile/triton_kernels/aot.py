@@ -102,13 +102,14 @@ def shipped_variants(targets=TARGETS, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
                 yield Variant(name, capability, block_d, dtype, flags, even_d, config)
 
 
-def _source(variant: Variant, aligned: bool = False):
-    """The variant's ASTSource. aligned: also give the compiler what the common launch tells it
-    (Triton specialises on it at run time): every pointer 16-byte aligned and, for a full-width
-    head dim (EVEN_D), every stride and head_dim a multiple of 16 (Triton 3.3+). Without it the
-    kernel is compiled for arbitrary alignment: its registers are not those of the kernels that
-    usually run, and it stages fewer loads in shared memory (an asynchronous copy needs 16-byte
-    alignment), so it can fit where the aligned launch does not."""
+def _source(variant: Variant):
+    """The variant's ASTSource, told what the common launch tells the compiler (Triton
+    specialises on it at run time): every pointer 16-byte aligned, every stride and head_dim a
+    multiple of 16 (Triton 3.3+; a head dim below its tile, such as 96 or 192, is one too).
+    Compiled for arbitrary alignment instead, a kernel has other registers than the one that
+    usually runs, and stages fewer loads in shared memory (an asynchronous copy needs 16-byte
+    alignment): it can fit where the launch does not (v1's backward at D 256: 164 KB against
+    263 KB)."""
     kernel, kind, owned, looped, fixed = KERNELS[variant.kernel]
     fn = jit_function(kernel)
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
@@ -132,18 +133,16 @@ def _source(variant: Variant, aligned: bool = False):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-    multiples_of_16 = set()
-    if aligned:
-        multiples_of_16 = {arg for arg in fn.arg_names if signature[arg].startswith("*")}
-        if variant.even_d:
-            multiples_of_16 |= {arg for arg in fn.arg_names if arg.startswith("stride_") or arg == "head_dim"}
+    multiples_of_16 = {arg for arg in fn.arg_names
+                       if signature[arg].startswith("*") or arg.startswith("stride_") or arg == "head_dim"}
     return ast_source(fn, signature, constexprs, multiples_of_16)
 
 
-def compile_variant(variant: Variant, aligned: bool = False):
-    """Compile one variant to a cubin for its target; returns Triton's CompiledKernel."""
+def compile_variant(variant: Variant):
+    """Compile one variant to a cubin for its target, as usually launched (see _source);
+    returns Triton's CompiledKernel."""
     options = {"num_warps": variant.config[2], "num_stages": variant.config[3]}
-    return triton.compile(_source(variant, aligned), target=GPUTarget("cuda", variant.capability, 32),
+    return triton.compile(_source(variant), target=GPUTarget("cuda", variant.capability, 32),
                           options=options)
 
 
@@ -215,11 +214,11 @@ def cubin_resources(cubin: bytes):
 
 
 def check_variant(variant: Variant, resources: bool = False) -> Result:
-    """Compile one variant and measure what the checks need (never raises). resources: compile
-    it as usually launched (aligned, see _source) and read its registers and stack."""
+    """Compile one variant and measure what the checks need (never raises). resources: also read
+    its registers and stack."""
     start = time.time()
     try:
-        compiled = compile_variant(variant, aligned=resources)
+        compiled = compile_variant(variant)
     except Exception as error:  # reported in the table, not raised: the sweep goes on
         message = " ".join(str(error).split())
         return Result(variant, seconds=time.time() - start, error=f"{type(error).__name__}: {message[:200]}")
@@ -333,9 +332,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="print only the variants that fail, and the summary")
     parser.add_argument("--resources", action="store_true",
-                        help="also each kernel's registers per thread and stack bytes (spilled registers), compiled "
-                             "with the alignment a usual launch has (16-byte pointers; strides multiples of 16 for "
-                             "full-width head dims); needs cuobjdump (Triton ships one)")
+                        help="also each kernel's registers per thread and stack bytes (spilled registers), as "
+                             "usually launched (16-byte pointers; strides and head dims multiples of 16); needs "
+                             "cuobjdump (Triton ships one)")
     parser.add_argument("--kernel", action="append", choices=tuple(KERNELS),
                         help="only these kernels (repeat for several; default: all)")
     parser.add_argument("--head-dim", type=int, action="append", choices=HEAD_DIM_BUCKETS,
