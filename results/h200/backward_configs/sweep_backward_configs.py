@@ -2,7 +2,8 @@
 by the autotuner itself, then v2's forward+backward with the fastest beside cuDNN's, fp16.
 A config is (rows owned, rows looped over, num_warps, num_stages), as in _common.py; a config that
 does not fit shared memory or registers times as inf.
-Usage: python results/h200/backward_configs/sweep_backward_configs.py D [D ...]"""
+Usage: python results/h200/backward_configs/sweep_backward_configs.py D [D ...]
+(D 128: with FLASHTILE_ONE_PASS_BACKWARD=0, or v2's backward at N >= 4096 is the Gluon one pass.)"""
 import json
 import statistics
 import sys
@@ -19,6 +20,8 @@ from flashtile.triton_kernels._common import Problem
 CANDIDATES = {
     256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2),
           (128, 32, 8, 2), (128, 64, 8, 1), (128, 32, 8, 1), (64, 128, 8, 1), (64, 32, 4, 3), (128, 16, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 4),
+          (128, 128, 8, 2), (64, 128, 8, 3), (128, 64, 4, 3), (64, 64, 8, 3)],
     64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (128, 64, 4, 3),
          (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4), (64, 32, 4, 3)],
 }
