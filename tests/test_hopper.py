@@ -121,15 +121,18 @@ def one_pass_served(q, k, **options):
 
 
 def test_where_the_one_pass_backward_serves(monkeypatch):
-    """By default at D 128 with at least 4096 queries and keys seen; everywhere the forward is
-    served at D 64 and 128 with FLASHTILE_ONE_PASS_BACKWARD=1; nowhere with =0. And then it is
-    what runs."""
+    """By default at D 128 and 256 with at least 4096 queries and keys seen; everywhere the
+    forward is served with FLASHTILE_ONE_PASS_BACKWARD=1; nowhere with =0. And then it is what
+    runs."""
     monkeypatch.delenv("FLASHTILE_ONE_PASS_BACKWARD", raising=False)
     long = torch.empty(1, 16, 4096, 128, dtype=torch.float16, device="cuda")
     assert one_pass_served(long, long)
     assert one_pass_served(long, long, window=(-1, 0))
     d64 = torch.empty(1, 32, 4096, 64, dtype=torch.float16, device="cuda")
     assert not one_pass_served(d64, d64)
+    d256 = torch.empty(1, 8, 4096, 256, dtype=torch.float16, device="cuda")
+    assert one_pass_served(d256, d256)
+    assert not one_pass_served(d256[:, :, :2048], d256[:, :, :2048])
     n2048 = torch.empty(1, 64, 2048, 128, dtype=torch.float16, device="cuda")
     assert not one_pass_served(n2048, n2048)
     longer = torch.empty(1, 16, 16384, 128, dtype=torch.float16, device="cuda")
@@ -142,7 +145,7 @@ def test_where_the_one_pass_backward_serves(monkeypatch):
     monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "1")
     assert one_pass_served(q, k, window=(16, 0), softcap=5.0)
     assert one_pass_served(d64, d64) and one_pass_served(n2048, n2048)
-    assert not one_pass_served(*make_qkv(1, 2, 64, 64, 256, torch.float16, device="cuda")[:2])  # D 256
+    assert one_pass_served(*make_qkv(1, 2, 64, 64, 256, torch.float16, device="cuda")[:2])  # D 256
     launched = []
     real = v2.v2_hopper_backward.v2_hopper_backward
     monkeypatch.setattr(v2.v2_hopper_backward, "v2_hopper_backward",
@@ -153,7 +156,7 @@ def test_where_the_one_pass_backward_serves(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("n_q,n_k", SHAPES)
 @pytest.mark.parametrize("groups", [1, 4])
@@ -169,13 +172,14 @@ def test_one_pass_backward_against_float64(monkeypatch, dtype, head_dim, feature
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_one_pass_backward_repeats_its_bits(monkeypatch, causal):
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_one_pass_backward_repeats_its_bits(monkeypatch, causal, head_dim):
     """The key blocks' turns fix the order of dQ's float32 adds: the same call gives the same
     bits, at a shape where many programs of a head run together (GQA, a window edge, Nq != Nk)."""
     monkeypatch.setenv("FLASHTILE_ONE_PASS_BACKWARD", "1")
     from flashtile.testing import flashtile_impl, run_attention
-    q, k, v = make_qkv(2, 8, 2000, 3001, 128, torch.bfloat16, device="cuda", kv_heads=2)
-    d_out = make_grad_out(2, 8, 2000, 128, torch.bfloat16, device="cuda")
+    q, k, v = make_qkv(2, 8, 2000, 3001, head_dim, torch.bfloat16, device="cuda", kv_heads=2)
+    d_out = make_grad_out(2, 8, 2000, head_dim, torch.bfloat16, device="cuda")
     options = dict(window_size=(700, -1 if not causal else 0))
     runs = [run_attention(flashtile_impl("v2"), q, k, v, causal, None, d_out, **options) for _ in range(3)]
     for name in ("dq", "dk", "dv"):

@@ -279,19 +279,20 @@ def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", de
         block_n, block_m, warps = blocks or v2_hopper_backward.BACKWARD_BLOCKS[head_dim]
         query_boxes, floats = ("q_desc", "do_desc"), ("L2", "DELTA")
         query_rows = block_m
-        constexprs.update(NUM_STAGES=v2_hopper_backward.NUM_STAGES, DQ_SLICE=v2_hopper_backward.DQ_SLICE,
+        constexprs.update(NUM_STAGES=v2_hopper_backward.NUM_STAGES, DQ_SLICE=v2_hopper_backward.DQ_SLICES[head_dim],
                           DQ_STAGES=v2_hopper_backward.DQ_STAGES, DETERMINISTIC=deterministic)
     constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
-    def box(rows, name=dtype, element=element):  # the launchers' own box layout (`_box_layout`)
-        return f"tensordesc<{name}[1, 1, {rows}, {head_dim}],{v2_hopper._box_layout(rows, head_dim, element)!r}>"
+    def box(rows, name=dtype, element=element, columns=head_dim):  # the launchers' own box layout (`_box_layout`)
+        return f"tensordesc<{name}[1, 1, {rows}, {columns}],{v2_hopper._box_layout(rows, columns, element)!r}>"
 
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "dq_desc":  # the backward's float32 dQ buffer, boxed by the query rows
-            signature[name] = box(block_m, "fp32", torch.float32)
+            signature[name] = box(block_m, "fp32", torch.float32,
+                                  min(head_dim, v2_hopper_backward.DQ_BOX_COLUMNS))
         elif name.endswith("_desc"):  # Q, O and dO boxed by the query rows, K, V, dK and dV by the key rows
             signature[name] = box(query_rows if name in query_boxes else block_n)
         elif name in floats:

@@ -420,10 +420,11 @@ def _box_layout(rows, head_dim, dtype):
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], BOX_DTYPES[dtype])
 
 
-def _descriptor(t, rows):
-    """A TMA descriptor over a (B, H, N, D) tensor, boxes of (1, 1, rows, D)."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]],
-                            _box_layout(rows, t.shape[-1], t.dtype))
+def _descriptor(t, rows, columns=None):
+    """A TMA descriptor over a (B, H, N, D) tensor, boxes of (1, 1, rows, columns or D)."""
+    columns = columns or t.shape[-1]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, columns],
+                            _box_layout(rows, columns, t.dtype))
 
 
 def forward_kernel(head_dim):

@@ -4,9 +4,9 @@ products a (key block, query block) pair against the seven of v2.py's two passes
 added into a float32 buffer), with dQ's adds made in a fixed order (FlashAttention-3's
 deterministic backward), so that dQ's bits repeat from run to run as v2.py's do.
 
-- Compute warps (two warpgroups, 64 keys each): S^T = K Q^T, P, dP^T = V dO^T while dV += P^T dO
-  is issued, dS, dK += dS^T Q while dS^T is stored for dQ's product, and dQ's share dS K, staged
-  in a ring of DQ_STAGES float32 boxes in shared memory.
+- Compute warps (two warpgroups, 64 keys each; at D 256 64 keys in all, see below): S^T = K Q^T,
+  P, dP^T = V dO^T while dV += P^T dO is issued, dS, dK += dS^T Q while dS^T is stored for dQ's
+  product, and dQ's share dS K, staged in a ring of DQ_STAGES float32 boxes in shared memory.
 - A one-warp writer partition adds each staged share into the buffer by TMA
   (`cp.reduce.async.bulk.tensor` .add). With DETERMINISTIC it first waits for this key block's
   turn at the dQ block (a counter per (batch, head, query block): the key blocks that see the
@@ -24,9 +24,17 @@ dK's products straight from registers. The compute warps have 240 registers a th
 (setmaxnreg), and D 128 keeps within them only by starting the dP^T accumulator at -D and,
 without a softcap, the S^T accumulator at -L / scale.
 
-On the H200 this runs at 1.05-1.13x of v2.py's two passes at D 128 where both sides see at least
-4096 keys or queries, and at 0.81-0.97x at D 64 or N 1024 (docs/results.md, "The one-pass
-backward by default at D 128"), so by default it serves v2 only there (`supports_backward`).
+At D 256 two warpgroups of 64 keys each would hold dK and dV in 256 float32 registers a thread.
+There a program owns 64 keys, and its warpgroups split the head dim of dK and dV, and the
+queries of S^T and dP^T: P^T and dS^T then go through shared memory to dV's and dK's products.
+There is no room for a dQ ring beside the 2 x 64 KB Q and dO ring (213 KB in all), so a step's
+dQ share is staged in the step's own Q and dO slots, once its products are done with them, and
+the loader refills a slot once the writer has added the share.
+
+On the H200 this runs at 1.05-1.13x of v2.py's two passes at D 128, and at 0.98-1.71x at D 256,
+where both sides see at least 4096 keys or queries; at 0.81-0.97x at D 64 or N 1024
+(docs/results.md, "The one-pass backward by default at D 128", "The one-pass backward at
+D 256"). By default it serves v2 only there (`supports_backward`).
 """
 import os
 
@@ -42,13 +50,21 @@ from ._common import Problem, is_visible, key_range, query_range, tanh
 from ._launch import cdiv
 from .v2_hopper import _barriers, _descriptor, _invalidate, _load_pair, _ring, _tile, supports
 
-# (keys a program owns, queries a step, warps): one warpgroup per 64 keys.
-BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8)}
-# Where it serves by default: D 128, and at least this many queries and keys a query sees (the
-# H200 measured it ahead of the two passes at N 4096 and 16384, behind at N 1024 and at D 64).
-DEFAULT_HEAD_DIM, DEFAULT_MIN_ROWS = 128, 4096
+# (keys a program owns, queries a step, warps). At D 64 and 128 the two warpgroups own 64 keys
+# each. At D 256 that would be two 64 x 256 float32 accumulators (dK, dV), 256 registers a
+# thread: there the program owns 64 keys and its warpgroups split the head dim of dK and dV
+# (and the queries of S^T and dP^T) between them.
+BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8), 256: (64, 64, 8)}
+# Columns of dQ's share formed at a time (a warpgroup takes half of them), and of a box of the
+# float32 dQ buffer that TMA adds (two boxes a step at D 256).
+DQ_SLICES = {64: 64, 128: 64, 256: 128}
+DQ_BOX_COLUMNS = 128
+# Where it serves by default: D 128 and 256, and at least this many queries and keys a query
+# sees. The H200 measured it ahead of the two passes at N 4096 and 16384, behind at N 1024 and
+# at D 64 (docs/results.md, "The one-pass backward by default at D 128" and "The one-pass
+# backward at D 256").
+DEFAULT_HEAD_DIMS, DEFAULT_MIN_ROWS = (128, 256), 4096
 NUM_STAGES = 2
-DQ_SLICE = 64  # dQ's share is formed DQ_SLICE columns at a time, which keeps it in few registers
 DQ_STAGES = NUM_STAGES  # shares of dQ staged for TMA's add at once: one a ring slot
 # A thread of the one-warp dQ writer or loader (setmaxnreg); the compute warps get the rest.
 WORKER_REGISTERS = gl.constexpr(24)
@@ -56,12 +72,12 @@ WORKER_REGISTERS = gl.constexpr(24)
 
 def supports_backward(q, k, v, problem: Problem) -> bool:
     """Whether `v2_hopper_backward` serves v2's backward of this call, where v2_hopper.supports
-    the call: by default at DEFAULT_HEAD_DIM with at least DEFAULT_MIN_ROWS queries and keys
+    the call: by default at DEFAULT_HEAD_DIMS with at least DEFAULT_MIN_ROWS queries and keys
     seen; with FLASHTILE_ONE_PASS_BACKWARD=1 at every head dim of BACKWARD_BLOCKS; with =0 never."""
     asked = os.environ.get("FLASHTILE_ONE_PASS_BACKWARD", "")
     if asked == "0" or problem.head_dim not in BACKWARD_BLOCKS:
         return False
-    if asked != "1" and (problem.head_dim != DEFAULT_HEAD_DIM
+    if asked != "1" and (problem.head_dim not in DEFAULT_HEAD_DIMS
                          or min(problem.n_q, problem.keys_seen()) < DEFAULT_MIN_ROWS):
         return False
     return supports(q, k, v, problem)
@@ -104,9 +120,25 @@ def _step_rows(step, per_head, last_first, head0, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _add_dq_share(dq_desc, dq_box, TURNS, stride_tb, stride_th, batch, head, q_first, key_block, n_q, n_k,
-                  window_left, window_right, like, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                  DETERMINISTIC: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+def _dq_box(dq_desc, dq_boxes, q_boxes, do_boxes, slot, part: gl.constexpr, IN_RING: gl.constexpr):
+    """Where part `part` (DQ_BOX_COLUMNS columns) of a step's share of dQ is staged: in the
+    dQ ring's slot, or, IN_RING (D 256), in the step's own Q (part 0) or dO (part 1) slot, whose
+    tiles the step no longer reads by then (a 64 x 256 16-bit tile has the bytes of a 64 x 128
+    float32 one). This saves the 2 x 64 KB that a dQ ring would take at D 256."""
+    if IN_RING:
+        if part == 0:
+            return q_boxes.index(slot)._reinterpret(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+        else:
+            return do_boxes.index(slot)._reinterpret(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+    else:
+        return dq_boxes.index(slot)
+
+
+@gluon.jit
+def _add_dq_share(dq_desc, dq_boxes, q_boxes, do_boxes, slot, TURNS, stride_tb, stride_th, batch, head, q_first,
+                  key_block, n_q, n_k, window_left, window_right, like, BLOCK_N: gl.constexpr,
+                  BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, IN_RING: gl.constexpr, DETERMINISTIC: gl.constexpr,
+                  WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
     """Line 15's write: the staged share of dQ_i added into the float32 buffer by TMA. With
     DETERMINISTIC, in this key block's turn at the dQ block (the key blocks before it that the
     block's queries see add first; key_range's lo is the first key block to visit the block),
@@ -116,7 +148,10 @@ def _add_dq_share(dq_desc, dq_box, TURNS, stride_tb, stride_th, batch, head, q_f
                                                      WINDOW_LEFT, WINDOW_RIGHT)
         counter = TURNS + batch * stride_tb + head * stride_th + q_first // BLOCK_M
         _wait_for_turn(counter, key_block - first_key // BLOCK_N)
-    _tma_add(dq_desc, [batch, head, q_first, 0], dq_box)
+    BOX_COLUMNS: gl.constexpr = dq_desc.block_type.shape[3]
+    for part in gl.static_range(HEAD_D // BOX_COLUMNS):
+        _tma_add(dq_desc, [batch, head, q_first, part * BOX_COLUMNS],
+                 _dq_box(dq_desc, dq_boxes, q_boxes, do_boxes, slot, part, IN_RING))
     if DETERMINISTIC:
         _bulk_writes_done(like)
         gl.thread_barrier()
@@ -126,56 +161,67 @@ def _add_dq_share(dq_desc, dq_box, TURNS, stride_tb, stride_th, batch, head, q_f
 
 
 @gluon.jit
-def _dq_writer(dq_desc, dq_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
-               per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N: gl.constexpr,
-               BLOCK_M: gl.constexpr, DQ_STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
-               WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+def _dq_writer(dq_desc, dq_boxes, q_boxes, do_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch, head0,
+               last_first, per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N: gl.constexpr,
+               BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, DQ_STAGES: gl.constexpr, IN_RING: gl.constexpr,
+               DETERMINISTIC: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
     """The one-warp partition that adds the staged shares of dQ, so that the compute warps never
-    wait on an add (or, with DETERMINISTIC, on their turn) unless DQ_STAGES shares are pending."""
+    wait on an add (or, with DETERMINISTIC, on their turn) unless DQ_STAGES shares are pending.
+    dq_free tells the compute warps (or, IN_RING, the loader) that a stage is free again."""
     like = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     for step in range(n_steps):
         slot = step % DQ_STAGES
         mbarrier.wait(step_done.index(slot), phase=(step // DQ_STAGES) & 1)
         head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
-        _add_dq_share(dq_desc, dq_boxes.index(slot), TURNS, stride_tb, stride_th, batch, head, q_first, key_block,
-                      n_q, n_k, window_left, window_right, like, BLOCK_N, BLOCK_M, DETERMINISTIC, WINDOW_LEFT,
-                      WINDOW_RIGHT)
+        _add_dq_share(dq_desc, dq_boxes, q_boxes, do_boxes, slot, TURNS, stride_tb, stride_th, batch, head, q_first,
+                      key_block, n_q, n_k, window_left, window_right, like, BLOCK_N, BLOCK_M, HEAD_D, IN_RING,
+                      DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)
         mbarrier.arrive(dq_free.index(slot), count=1)
 
 
 @gluon.jit
-def _loader(q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, last_first, per_head, n_steps,
+def _loader(q_desc, do_desc, q_boxes, do_boxes, bars, slot_free, batch, head0, last_first, per_head, n_steps,
             BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """The one-warp partition that streams Q_i and dO_i into the ring: each slot once the compute
-    warps are done with the step that used it, so that they never issue a copy (nor meet the CTA
-    barriers around one)."""
+    """The one-warp partition that streams Q_i and dO_i into the ring: each slot once the step
+    that used it is done with it (slot_free: the compute warps' signal, or the writer's where
+    dQ's share is staged in the slot), so that the compute warps never issue a copy (nor meet
+    the CTA barriers around one)."""
     for step in range(n_steps):
         slot = step % NUM_STAGES
-        mbarrier.wait(step_done.index(slot), phase=((step // NUM_STAGES) & 1) ^ 1)
+        mbarrier.wait(slot_free.index(slot), phase=((step // NUM_STAGES) & 1) ^ 1)
         head, q_first = _step_rows(step, per_head, last_first, head0, BLOCK_M)
         _load_pair(q_desc, do_desc, q_boxes, do_boxes, bars, batch, head, q_first, step, n_steps, NUM_STAGES)
 
 
 @gluon.jit
-def _key_block_steps(q_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars, step_done, dq_free,
-                     L2, DELTA, stride_sb, stride_sh, batch, head0, k_first, last_first, per_head, n_steps, n_q,
-                     n_k, scale, qk_scale, softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr,
+def _key_block_steps(dq_desc, k_box, v_box, q_boxes, do_boxes, pt_smem, ds_smem, dq_boxes, kv_bar, bars, step_done,
+                     dq_free, L2, DELTA, stride_sb, stride_sh, batch, head0, k_first, last_first, per_head, n_steps,
+                     n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, BLOCK_N: gl.constexpr,
                      BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     DQ_SLICE: gl.constexpr, DQ_STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                     WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
+                     DQ_SLICE: gl.constexpr, DQ_STAGES: gl.constexpr, SPLIT: gl.constexpr,
+                     WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
+                     num_warps: gl.constexpr):
     """The compute warps' loop over query blocks (Algorithm 2, lines 8-17): returns dK (unscaled)
-    and dV. Each step's share of dQ is staged in shared memory for the writer."""
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, HEAD_D, 16])
+    and dV. Each step's share of dQ is staged in shared memory for the writer.
+    With SPLIT (D 256) the warpgroups share the program's 64 keys: each takes half the queries
+    of S^T and dP^T and half the head dim of dK and dV, so P^T and dS^T, the A operands of dV's
+    and dK's products, go through shared memory; dQ's share is staged in the step's Q and dO
+    slots (_dq_box)."""
+    # Warpgroups along the keys, and along the queries of S^T / the head dim of dK and dV.
+    KEY_GROUPS: gl.constexpr = 1 if SPLIT else num_warps // 4
+    DIM_GROUPS: gl.constexpr = num_warps // 4 // KEY_GROUPS
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * KEY_GROUPS, DIM_GROUPS],
+                                                        instr_shape=[16, BLOCK_M // DIM_GROUPS, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * KEY_GROUPS, DIM_GROUPS],
+                                                        instr_shape=[16, HEAD_D // DIM_GROUPS, 16])
     # dQ's share is BLOCK_M x DQ_SLICE at a time; with two warpgroups each takes half the columns.
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
                                                         instr_shape=[16, DQ_SLICE // (num_warps // 4), 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     st_rows: gl.constexpr = gl.SliceLayout(1, st_layout)
     st_cols: gl.constexpr = gl.SliceLayout(0, st_layout)
-    dtype: gl.constexpr = q_desc.dtype
+    dtype: gl.constexpr = k_box.dtype
+    DQ_BOX: gl.constexpr = dq_desc.block_type.shape[3]
 
     k_tile = k_box.reshape([BLOCK_N, HEAD_D])
     v_tile = v_box.reshape([BLOCK_N, HEAD_D])
@@ -221,39 +267,59 @@ def _key_block_steps(q_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes,
         if SOFTCAP:
             scores_t = scores_t - gl.expand_dims(lse, 0)
         p_t = gl.exp2(scores_t)
-        # Line 13: dP^T = V dO^T, issued before line 12's dV += P^T dO (P^T from registers).
-        p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
+        # Line 13: dP^T = V dO^T, issued before line 12's dV += P^T dO (P^T from registers, or
+        # with SPLIT from shared memory: each warpgroup holds half its queries).
         # dP^T - D in one product: the accumulator starts at -D (broadcast), so D needs no
         # registers of its own while the product runs.
-        dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero - gl.expand_dims(delta, 0), is_async=True)
-        dv = warpgroup_mma(p_operand, do_tile, dv, is_async=True)
+        if SPLIT:
+            dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero - gl.expand_dims(delta, 0), is_async=True)
+            pt_smem.store(p_t.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            dv = warpgroup_mma(pt_smem, do_tile, dv, is_async=True)
+        else:
+            p_operand = gl.convert_layout(p_t.to(dtype), op_layout)
+            dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero - gl.expand_dims(delta, 0), is_async=True)
+            dv = warpgroup_mma(p_operand, do_tile, dv, is_async=True)
         if SOFTCAP:  # the softcap's derivative 1 - tanh^2, folded into P
             p_t = p_t * (1.0 - capped_t * capped_t)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
         # Line 14: dS = P * (dP - D), while dV's product runs.
         ds_t = (p_t * dpt).to(dtype)
-        # Line 16: dK += dS^T Q (times scale, once at the end), dS^T from registers; dS^T to
-        # shared memory behind it, for dQ.
-        ds_operand = gl.convert_layout(ds_t, op_layout)
-        dk = warpgroup_mma(ds_operand, q_tile, dk, is_async=True)
-        ds_smem.store(ds_t)
-        fence_async_shared()
-        gl.thread_barrier()
+        # Line 16: dK += dS^T Q (times scale, once at the end), dS^T from registers (with SPLIT
+        # from shared memory); dS^T to shared memory, for dQ.
+        if SPLIT:
+            ds_smem.store(ds_t)
+            fence_async_shared()
+            gl.thread_barrier()
+            dk = warpgroup_mma(ds_smem, q_tile, dk, is_async=True)
+        else:
+            ds_operand = gl.convert_layout(ds_t, op_layout)
+            dk = warpgroup_mma(ds_operand, q_tile, dk, is_async=True)
+            ds_smem.store(ds_t)
+            fence_async_shared()
+            gl.thread_barrier()
         # Line 15: dQ_i += dS_i K_j (times scale): dS_i the transposed view of dS^T in shared
         # memory, DQ_SLICE columns at a time, staged in shared memory for TMA's add.
         dq_slot = step % DQ_STAGES
-        dq_stage = dq_boxes.index(dq_slot).reshape([BLOCK_M, HEAD_D])
         for col in gl.static_range(0, HEAD_D, DQ_SLICE):
             dq_share = warpgroup_mma(ds_smem.permute((1, 0)), k_tile.slice(col, DQ_SLICE, dim=1), dq_zero,
                                      use_acc=False, is_async=True)
             if col == 0:  # every product of the step is done: dV's and dK's, and their operands are free
-                dq_share, dk, dv, p_operand, ds_operand = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(dq_share, dk, dv, p_operand, ds_operand))
-                # The writer has added the stage's previous share.
-                mbarrier.wait(dq_free.index(dq_slot), phase=((step // DQ_STAGES) & 1) ^ 1)
+                if SPLIT:
+                    dq_share, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq_share, dk, dv))
+                    # Both warpgroups are done reading this step's Q and dO slots, which now
+                    # take the share.
+                    gl.thread_barrier()
+                else:
+                    dq_share, dk, dv, p_operand, ds_operand = warpgroup_mma_wait(
+                        num_outstanding=0, deps=(dq_share, dk, dv, p_operand, ds_operand))
+                    # The writer has added the stage's previous share.
+                    mbarrier.wait(dq_free.index(dq_slot), phase=((step // DQ_STAGES) & 1) ^ 1)
             else:
                 dq_share = warpgroup_mma_wait(num_outstanding=0, deps=(dq_share, ))
-            dq_stage.slice(col, DQ_SLICE, dim=1).store(dq_share * scale)
+            dq_stage = _dq_box(dq_desc, dq_boxes, q_boxes, do_boxes, dq_slot, col // DQ_BOX, SPLIT)
+            dq_stage.reshape([BLOCK_M, DQ_BOX]).slice(col % DQ_BOX, DQ_SLICE, dim=1).store(dq_share * scale)
         fence_async_shared()
         # Every warp is done with the step: its ring slot (its last products, dK's and dV's, were
         # waited for above) and its dS^T, and its share is staged. One signal for the writer and
@@ -291,6 +357,8 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     n_steps = group * blocks
     head0 = kv_head * group
     dtype: gl.constexpr = q_desc.dtype
+    # Fewer keys than the warpgroups' 64 rows each: they split the head dim (D 256).
+    SPLIT: gl.constexpr = BLOCK_N < 16 * num_warps
 
     # Lines 6-7: load K_j, V_j (kept); dK_j = dV_j = 0. Q_i and dO_i stream through the ring.
     k_box = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
@@ -298,10 +366,17 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     q_boxes = _ring(q_desc, NUM_STAGES)
     do_boxes = _ring(do_desc, NUM_STAGES)
     # dS^T goes through shared memory: dQ's product contracts over all BLOCK_N keys, which the
-    # warpgroups hold between them. dQ's shares go out through a ring of float32 stages.
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
-                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-    dq_boxes = _ring(dq_desc, DQ_STAGES)
+    # warpgroups hold between them (with SPLIT, P^T too). dQ's shares go out through a ring of
+    # float32 stages (with SPLIT, through the Q and dO ring).
+    st_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], st_shared)
+    # (warp_specialize takes no None: the side that is not allocated is passed something unread.)
+    if SPLIT:
+        pt_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], st_shared)
+        dq_boxes = q_boxes
+    else:
+        pt_smem = ds_smem
+        dq_boxes = _ring(dq_desc, DQ_STAGES)
     kv_bar = _barriers(1)
     bars = _barriers(NUM_STAGES)
     step_done = _barriers(NUM_STAGES)
@@ -311,16 +386,17 @@ def _v2_hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc
     tma.async_copy_global_to_shared(v_desc, [batch, kv_head, k_first, 0], kv_bar.index(0), v_box)
 
     dk, dv = gl.warp_specialize([
-        (_key_block_steps, (q_desc, k_box, v_box, q_boxes, do_boxes, ds_smem, dq_boxes, kv_bar, bars, step_done,
-                            dq_free, L2, DELTA, stride_sb, stride_sh, batch, head0, k_first, last_first, per_head,
-                            n_steps, n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right, BLOCK_N,
-                            BLOCK_M, HEAD_D, NUM_STAGES, DQ_SLICE, DQ_STAGES, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                            num_warps)),
-        (_dq_writer, (dq_desc, dq_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch, head0, last_first,
-                      per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N, BLOCK_M,
-                      DQ_STAGES, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)),
-        (_loader, (q_desc, do_desc, q_boxes, do_boxes, bars, step_done, batch, head0, last_first, per_head, n_steps,
-                   BLOCK_M, NUM_STAGES)),
+        (_key_block_steps, (dq_desc, k_box, v_box, q_boxes, do_boxes, pt_smem, ds_smem, dq_boxes, kv_bar, bars,
+                            step_done, dq_free, L2, DELTA, stride_sb, stride_sh, batch, head0, k_first, last_first,
+                            per_head, n_steps, n_q, n_k, scale, qk_scale, softcap_log2, window_left, window_right,
+                            BLOCK_N, BLOCK_M, HEAD_D, NUM_STAGES, DQ_SLICE, DQ_STAGES, SPLIT, WINDOW_LEFT,
+                            WINDOW_RIGHT, SOFTCAP, num_warps)),
+        (_dq_writer, (dq_desc, dq_boxes, q_boxes, do_boxes, step_done, dq_free, TURNS, stride_tb, stride_th, batch,
+                      head0, last_first, per_head, n_steps, key_block, n_q, n_k, window_left, window_right, BLOCK_N,
+                      BLOCK_M, HEAD_D, DQ_STAGES, SPLIT, DETERMINISTIC, WINDOW_LEFT, WINDOW_RIGHT)),
+        # With SPLIT a slot is free once the writer has added the dQ share staged in it.
+        (_loader, (q_desc, do_desc, q_boxes, do_boxes, bars, dq_free if SPLIT else step_done, batch, head0,
+                   last_first, per_head, n_steps, BLOCK_M, NUM_STAGES)),
     ], [1, 1], [WORKER_REGISTERS, WORKER_REGISTERS])
     _invalidate(kv_bar, 1)
     _invalidate(bars, NUM_STAGES)
@@ -356,9 +432,9 @@ def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, determinis
     _v2_hopper_backward_kernel[grid](
         _descriptor(q, queries_step), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
         _descriptor(d_out, queries_step), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
-        _descriptor(dq_accum, queries_step), lse2, delta, turns, lse2.stride(0), lse2.stride(1),
+        _descriptor(dq_accum, queries_step, min(problem.head_dim, DQ_BOX_COLUMNS)), lse2, delta, turns, lse2.stride(0), lse2.stride(1),
         turns.stride(0), turns.stride(1), problem.kv_heads, problem.group, problem.n_q, problem.n_k, problem.scale,
         args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"],
-        keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICE, DQ_STAGES, deterministic,
+        keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICES[problem.head_dim], DQ_STAGES, deterministic,
         args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"], num_warps=warps)
     return dq_accum.to(q.dtype), dk, dv

@@ -5,7 +5,8 @@ TFLOP/s (backward 2.5x the forward's FLOPs; forward+backward with v2's forward) 
 grid (fp16, B = 16384/N, H = 2048/D). With BEFORE=FILE in the environment (an earlier copy of
 v2_hopper_backward.py, e.g. from `git show`), its deterministic kernel is timed too, as "before_det".
 Usage:
-python results/h100/gluon_backward/ab_one_pass.py [ROUNDS [LABEL_PART [DTYPE [N1024,N4096,...]]]] > FILE.jsonl"""
+python results/h100/gluon_backward/ab_one_pass.py [ROUNDS [LABEL_PART [DTYPE [N1024,N4096,... [64,128,...]]]]] > FILE.jsonl
+(head dims: 64,128 unless given; the checks are those of the head dims given)."""
 import importlib.util
 import json
 import os
@@ -23,7 +24,8 @@ ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 ONLY = sys.argv[2] if len(sys.argv) > 2 else ""
 POINT_SEQS = sys.argv[4].split(",") if len(sys.argv) > 4 else ["N1024", "N4096", "N16384"]
 DTYPE = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.float16
-CONFIGS = {64: [(128, 64, 8), (64, 64, 4), (128, 128, 8)], 128: [(128, 64, 8), (64, 64, 4)]}
+HEAD_DIMS = [int(d) for d in sys.argv[5].split(",")] if len(sys.argv) > 5 else [64, 128]
+CONFIGS = {64: [(128, 64, 8), (64, 64, 4), (128, 128, 8)], 128: [(128, 64, 8), (64, 64, 4)], 256: [(64, 64, 8)]}
 # (blocks, deterministic)
 VARIANTS = {d: [(CONFIGS[d][0], det) for det in (False, True)] for d in CONFIGS}
 BEFORE = None
@@ -63,14 +65,17 @@ def check(b, hq, hkv, nq, nk, d, window, softcap, blocks):
 
 CHECKS = [(1, 2, 2, 113, 113, 64, (-1, 0), 0.0), (2, 4, 2, 1023, 517, 128, (100, 0), 30.0),
           (1, 3, 1, 300, 1000, 64, (-1, -1), 0.0), (2, 2, 2, 1000, 300, 128, (-1, 0), 0.0),
-          (1, 2, 2, 2048, 2048, 128, (256, 64), 0.0), (1, 8, 2, 1, 17, 64, (-1, -1), 50.0)]
+          (1, 2, 2, 2048, 2048, 128, (256, 64), 0.0), (1, 8, 2, 1, 17, 64, (-1, -1), 50.0),
+          (1, 2, 2, 113, 113, 256, (-1, 0), 0.0), (2, 4, 2, 1023, 517, 256, (100, 0), 30.0),
+          (1, 3, 1, 300, 1000, 256, (-1, -1), 0.0), (2, 2, 2, 1000, 300, 256, (-1, 0), 0.0),
+          (1, 8, 2, 1, 17, 256, (-1, -1), 50.0)]
 if not ONLY:
-    for shape in CHECKS:
+    for shape in [c for c in CHECKS if c[5] in HEAD_DIMS]:
         for blocks in CONFIGS[shape[5]][:1]:
             check(*shape, blocks)
 
 POINTS = [(f"D{d} N{n}{' causal' if c else ''}", 16384 // n, 2048 // d, n, d, c)
-          for d in (64, 128) for n in (1024, 4096, 16384) if f'N{n}' in POINT_SEQS for c in (False, True)]
+          for d in HEAD_DIMS for n in (1024, 4096, 16384) if f'N{n}' in POINT_SEQS for c in (False, True)]
 for label, b, h, n, d, causal in POINTS:
     if ONLY not in label:
         continue
