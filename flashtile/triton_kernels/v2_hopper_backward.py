@@ -433,8 +433,8 @@ def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, determinis
         _descriptor(q, queries_step), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
         _descriptor(d_out, queries_step), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
         _descriptor(dq_accum, queries_step, min(problem.head_dim, DQ_BOX_COLUMNS)), lse2, delta, turns,
-        lse2.stride(0), lse2.stride(1), turns.stride(0), turns.stride(1), problem.kv_heads, problem.group, problem.n_q, problem.n_k, problem.scale,
-        args["qk_scale"], args["softcap_log2"], args["window_left"], args["window_right"],
-        keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICES[problem.head_dim], DQ_STAGES, deterministic,
-        args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"], num_warps=warps)
+        lse2.stride(0), lse2.stride(1), turns.stride(0), turns.stride(1), problem.kv_heads, problem.group,
+        problem.n_q, problem.n_k, problem.scale, args["qk_scale"], args["softcap_log2"], args["window_left"],
+        args["window_right"], keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICES[problem.head_dim],
+        DQ_STAGES, deterministic, args["WINDOW_LEFT"], args["WINDOW_RIGHT"], args["SOFTCAP"], num_warps=warps)
     return dq_accum.to(q.dtype), dk, dv
