@@ -75,7 +75,7 @@ def main():
     shapes = SHAPES + tuple(tuple(int(x) for x in shape.split(",")) for shape in args.shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = args.impl or [name for name, entry in REGISTRY.items() if device == "cuda" or not entry.triton]
-    print(f"{'impl':10} {'shape':18} {'path':10} {'forward us':>11} {'fwd+bwd us':>11} {'enqueue':>8} {'enqueue':>8}")
+    print(f"{'impl':10} {'shape':18} {'path':10} {'forward us':>11} {'fwd+bwd us':>11} {'fwd enq':>8} {'f+b enq':>8}")
     for impl in impls:
         dtype = torch.float16 if device == "cuda" else torch.float32
         for shape in shapes:

@@ -74,8 +74,9 @@ def test_hopper_forward_compiles_for_sm90(dtype, head_dim, flags):
     assert stack == "?" or int(stack) == 0, f"{stack} bytes of stack: registers spilled"
 
 
-# Stack bytes of v2_hopper_backward.py's kernel at D 128 as compiled (32-128: the compute warps
-# have 240 registers under setmaxnreg); a bound, so that a change that spills more is noticed.
+# Stack bytes of v2_hopper_backward.py's kernel by head dim as compiled (D 128: 32-128, the
+# compute warps have 240 registers under setmaxnreg); a bound, so that a change that spills more
+# is noticed.
 HOPPER_BACKWARD_STACK = {64: 0, 128: 128, 256: 0}
 
 

@@ -6,7 +6,8 @@ deterministic backward), so that dQ's bits repeat from run to run as v2.py's do.
 
 - Compute warps (two warpgroups, 64 keys each; at D 256 64 keys in all, see below): S^T = K Q^T,
   P, dP^T = V dO^T while dV += P^T dO is issued, dS, dK += dS^T Q while dS^T is stored for dQ's
-  product, and dQ's share dS K, staged in a ring of DQ_STAGES float32 boxes in shared memory.
+  product, and dQ's share dS K, staged in a ring of DQ_STAGES float32 boxes in shared memory
+  (at D 256 in the step's Q and dO slots).
 - A one-warp writer partition adds each staged share into the buffer by TMA
   (`cp.reduce.async.bulk.tensor` .add). With DETERMINISTIC it first waits for this key block's
   turn at the dQ block (a counter per (batch, head, query block): the key blocks that see the
@@ -14,7 +15,8 @@ deterministic backward), so that dQ's bits repeat from run to run as v2.py's do.
   The compute warps wait for neither, unless DQ_STAGES shares are pending.
 - A one-warp loader partition streams Q_i and dO_i through a ring of NUM_STAGES slots by TMA,
   each slot once the compute warps signal that the step that used it is done (the same signal
-  hands the step's share to the writer), so the compute warps issue no copy.
+  hands the step's share to the writer; at D 256, once the writer has added the share staged
+  in the slot), so the compute warps issue no copy.
 - Every program visits its query blocks from the last to the first, so that the programs of one
   head that run together reach the same dQ block at about the same time.
 
@@ -27,7 +29,7 @@ without a softcap, the S^T accumulator at -L / scale.
 At D 256 two warpgroups of 64 keys each would hold dK and dV in 256 float32 registers a thread.
 There a program owns 64 keys, and its warpgroups split the head dim of dK and dV, and the
 queries of S^T and dP^T: P^T and dS^T then go through shared memory to dV's and dK's products.
-There is no room for a dQ ring beside the 2 x 64 KB Q and dO ring (213 KB in all), so a step's
+There is no room for a dQ ring beside the 2 x 64 KB Q and dO ring (213228 bytes in all), so a step's
 dQ share is staged in the step's own Q and dO slots, once its products are done with them, and
 the loader refills a slot once the writer has added the share.
 
@@ -323,7 +325,8 @@ def _key_block_steps(dq_desc, k_box, v_box, q_boxes, do_boxes, pt_smem, ds_smem,
         fence_async_shared()
         # Every warp is done with the step: its ring slot (its last products, dK's and dV's, were
         # waited for above) and its dS^T, and its share is staged. One signal for the writer and
-        # the loader: a step's stage and slot have the same index (DQ_STAGES == NUM_STAGES).
+        # the loader (with SPLIT, the writer alone): a step's stage and slot have the same index
+        # (DQ_STAGES == NUM_STAGES).
         gl.thread_barrier()
         mbarrier.arrive(step_done.index(slot), count=1)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
