@@ -291,8 +291,7 @@ def compile_hopper(dtype: str, head_dim: int, flags, kernel: str = "forward", de
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "dq_desc":  # the backward's float32 dQ buffer, boxed by the query rows
-            signature[name] = box(block_m, "fp32", torch.float32,
-                                  min(head_dim, v2_hopper_backward.DQ_BOX_COLUMNS))
+            signature[name] = box(block_m, "fp32", torch.float32, v2_hopper_backward.dq_box_columns(head_dim))
         elif name.endswith("_desc"):  # Q, O and dO boxed by the query rows, K, V, dK and dV by the key rows
             signature[name] = box(query_rows if name in query_boxes else block_n)
         elif name in floats:

@@ -61,6 +61,11 @@ BACKWARD_BLOCKS = {64: (128, 64, 8), 128: (128, 64, 8), 256: (64, 64, 8)}
 # float32 dQ buffer that TMA adds (two boxes a step at D 256).
 DQ_SLICES = {64: 64, 128: 64, 256: 128}
 DQ_BOX_COLUMNS = 128
+
+
+def dq_box_columns(head_dim: int) -> int:
+    """Columns of a box of the float32 dQ buffer (the launcher's descriptor and the AOT signature)."""
+    return min(head_dim, DQ_BOX_COLUMNS)
 # Where it serves by default: D 128 and 256, and at least this many queries and keys a query
 # sees. The H200 measured it ahead of the two passes at N 4096 and 16384, behind at N 1024 and
 # at D 64 (docs/results.md, "The one-pass backward by default at D 128" and "The one-pass
@@ -435,7 +440,7 @@ def v2_hopper_backward(q, k, v, d_out, lse2, delta, problem: Problem, determinis
     _v2_hopper_backward_kernel[grid](
         _descriptor(q, queries_step), _descriptor(k, keys_owned), _descriptor(v, keys_owned),
         _descriptor(d_out, queries_step), _descriptor(dk, keys_owned), _descriptor(dv, keys_owned),
-        _descriptor(dq_accum, queries_step, min(problem.head_dim, DQ_BOX_COLUMNS)), lse2, delta, turns,
+        _descriptor(dq_accum, queries_step, dq_box_columns(problem.head_dim)), lse2, delta, turns,
         lse2.stride(0), lse2.stride(1), turns.stride(0), turns.stride(1), problem.kv_heads, problem.group,
         problem.n_q, problem.n_k, problem.scale, args["qk_scale"], args["softcap_log2"], args["window_left"],
         args["window_right"], keys_owned, queries_step, problem.head_dim, NUM_STAGES, DQ_SLICES[problem.head_dim],
